@@ -1,0 +1,48 @@
+"""The ``membuilder`` command: one entry point, one subcommand per job.
+
+Each subcommand lives in the module that owns the job and exposes ``add_arguments(parser)`` and
+``run(args) -> int``; they are imported only when chosen so that ``membuilder --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("membuilder.eval.runner", "build memory and/or answer and judge a benchmark"),
+    "trajectories": ("membuilder.data.trajectories", "record an expert model's agent calls"),
+    "qa-gen": ("membuilder.data.qagen", "write synthetic QA for every recorded session"),
+    "export-sft": ("membuilder.data.export_sft", "export trajectories as LLaMA-Factory SFT data"),
+    "export-rl": ("membuilder.data.export_rl", "export sessions as veRL RL parquet"),
+}
+
+
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="membuilder", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen not in SUBCOMMANDS:
+        chosen = None
+    parser = build_parser(chosen)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

