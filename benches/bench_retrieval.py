@@ -28,7 +28,6 @@ import os
 
 import numpy as np
 import pytest
-
 from membuilder import _core as c
 
 SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "1000,10000,100000").split(",")]
@@ -94,7 +93,9 @@ def test_membuilder_exact(benchmark, size):
     d = dataset(*size)
     s = state(d, limit=10**9)
     benchmark.group = f"retrieval {_id(size)}"
-    ids, scores, _ = benchmark.pedantic(s.search_batch, args=(d["q"], K), rounds=3, iterations=1, warmup_rounds=1)
+    ids, scores, _ = benchmark.pedantic(
+        s.search_batch, args=(d["q"], K), rounds=3, iterations=1, warmup_rounds=1
+    )
     check_exact(d, ids, scores)
 
 

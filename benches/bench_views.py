@@ -23,7 +23,6 @@ import os
 
 import numpy as np
 import pytest
-
 from membuilder import _core as c
 
 DIM = 384
@@ -91,7 +90,11 @@ def test_views_apply(benchmark, n):
         cp = s.copy()
         p = cp.plan(actions[i], PROV)
         r = cp.commit(p, vectors(i))
-        assert (r.added, r.retired, r.core_after) == (reports[i].added, reports[i].retired, reports[i].core_after)
+        assert (r.added, r.retired, r.core_after) == (
+            reports[i].added,
+            reports[i].retired,
+            reports[i].core_after,
+        )
         assert [e.text for e in cp.entries()[-4:]] == [e.text for e in views[i].entries()[-4:]]
     assert len(s) == n  # the base never changed
 

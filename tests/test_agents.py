@@ -486,3 +486,28 @@ def test_every_benchmark_timestamp_has_a_readable_date(locomo_path, longmemeval_
         "episodic", core="", retrieved=[], session_messages=msgs, timestamp=stamps[0]
     )
     assert f'day="{session_date(stamps[0]).isoformat()}, ' in user[1]["content"]
+
+
+def test_responder_contract(responder):
+    from membuilder.testing import ScriptedRequest
+
+    with pytest.raises(ValueError, match="unknown content fault"):
+        responder.inject("explode")
+    with pytest.raises(ValueError, match="times"):
+        responder.inject("prose", times=0)
+    with pytest.raises(ValueError, match="no reply for tag"):
+        responder(ScriptedRequest(tag="mystery", body={}, messages=[], model="m"))
+    ts, msgs = SESSIONS[0]
+    prompt = render_agent_messages(
+        "episodic", core="", retrieved=["[X:1] Not: a turn"], session_messages=msgs, timestamp=ts
+    )
+    qa = json.loads(responder.qa_gen(ScriptedRequest(tag="qa-gen", body={}, messages=prompt, model="m"), n=2))
+    assert [q["evidence"] for q in qa["questions"]] == [["D1:1"], ["D1:2"]]
+    assert all(set(q) == {"question", "answer", "type", "evidence"} for q in qa["questions"])
+    # faults are served once per unit of ``times``, to matching tags only
+    responder.inject("empty", tag="agent:core", times=2)
+    req = ScriptedRequest(tag="agent:semantic", body={}, messages=prompt, model="m")
+    assert responder(req) != "" and responder.pending_faults() == 2
+    core_req = ScriptedRequest(tag="agent:core", body={}, messages=prompt, model="m")
+    assert responder(core_req) == "" and responder(core_req) == "" and responder.pending_faults() == 0
+    assert responder.faults_served == [("empty", "agent:core"), ("empty", "agent:core")]

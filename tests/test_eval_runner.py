@@ -531,3 +531,38 @@ def test_perltqa_fixture_through_the_runner(tmp_path: Path) -> None:
         "questions": 7,
         "results": 7,
     }
+
+
+def test_checkpoint_every_n_sessions(locomo_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ck"
+    assert (
+        _main(
+            [
+                "--dataset",
+                "locomo",
+                "--data-path",
+                str(locomo_path),
+                "--conv-id",
+                "conv-30",
+                "--sessions",
+                "3",
+                "--mode",
+                "build",
+                "--builder",
+                "raw",
+                "--embedder",
+                "hash",
+                "--checkpoint-every",
+                "2",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    progress = json.loads((out / "memory" / "conv-30.progress.json").read_text())
+    assert progress["sessions_done"] == progress["sessions_total"] == 3
+    assert sorted(p.name for p in (out / "memory").glob("*.state")) == ["conv-30.s0003.state"]
+    assert not (out / "results.jsonl").exists() and "metrics" not in json.loads(
+        (out / "summary.json").read_text()
+    )

@@ -9,7 +9,7 @@ import asyncio
 import json
 
 import pytest
-from membuilder.llm.local import json_schema_for_tag
+from membuilder.llm.local import GRAMMAR_MAX_STRING, json_schema_for_tag
 
 
 def _walk(node, path="$"):
@@ -31,7 +31,7 @@ def test_constraining_schemas_are_bounded(tag):
     json.dumps(schema)
     for path, node in _walk(schema):
         if isinstance(node, dict) and node.get("type") == "string":
-            assert 0 < node.get("maxLength", 0), path
+            assert 0 < node.get("maxLength", 0) <= GRAMMAR_MAX_STRING, path
         if isinstance(node, dict) and node.get("type") == "array":
             assert 0 < node.get("maxItems", 0), path
 
@@ -47,6 +47,9 @@ def test_schema_actions_follow_each_agents_action_space():
     core_ops = {s["properties"]["operation"]["const"] for s in json_schema_for_tag("agent:core")["anyOf"]}
     assert core_ops == {"APPEND", "REPLACE", "REWRITE", "SKIP"}
     assert json_schema_for_tag("answer") is None
+    # a large core limit is still capped to what the grammar engine survives
+    big = json_schema_for_tag("compress:core", core_limit=5000)
+    assert big["properties"]["content"]["maxLength"] == GRAMMAR_MAX_STRING
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from membuilder import _core as c
 
 DIM = 8
@@ -19,11 +18,22 @@ PROV = c.Provenance("conv", 1, None, [])
 
 def make_state(n: int = 40, limit: int = 20000) -> c.MemoryState:
     rng = np.random.default_rng(1)
-    s = c.MemoryState(DIM, update_mode="replace", core_limit=100, exact_search_limit=limit, match_threshold=0.8)
-    s.add_entries("episodic", [f"event {i}" for i in range(n)], rng.standard_normal((n, DIM)).astype(np.float32),
-                  [c.Provenance("conv", i, f"2023-01-{i % 28 + 1:02d}", [f"D{i}:1"]) for i in range(n)])
-    plan = s.plan([c.Action("episodic", "UPDATE", text="event 3 again", old=["event 3"]),
-                   c.Action("core", "APPEND", text="Ana, 34, nurse")], PROV)
+    s = c.MemoryState(
+        DIM, update_mode="replace", core_limit=100, exact_search_limit=limit, match_threshold=0.8
+    )
+    s.add_entries(
+        "episodic",
+        [f"event {i}" for i in range(n)],
+        rng.standard_normal((n, DIM)).astype(np.float32),
+        [c.Provenance("conv", i, f"2023-01-{i % 28 + 1:02d}", [f"D{i}:1"]) for i in range(n)],
+    )
+    plan = s.plan(
+        [
+            c.Action("episodic", "UPDATE", text="event 3 again", old=["event 3"]),
+            c.Action("core", "APPEND", text="Ana, 34, nurse"),
+        ],
+        PROV,
+    )
     s.commit(plan, rng.standard_normal((len(plan), DIM)).astype(np.float32))
     return s
 
@@ -119,7 +129,9 @@ def test_save_is_atomic_when_writing_fails(tmp_path: Path):
             print("FAILED", e.problem)
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
     assert "FAILED io" in out.stdout, out.stderr
     assert path.read_bytes() == old
     assert c.MemoryState.load(path).core == "the old state"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from membuilder import _core as c
+
 from tests.reference.state_ref import normalize_text
 
 DIM = 8
@@ -23,7 +23,11 @@ def vec(i: int, noise: float = 0.0, seed: int = 0) -> np.ndarray:
 def apply(store, actions, vectors=None):
     plan = store.plan(actions, PROV)
     if vectors is None:
-        vectors = np.stack([vec(i) for i in range(len(plan.texts))]) if plan.texts else np.zeros((0, DIM), np.float32)
+        vectors = (
+            np.stack([vec(i) for i in range(len(plan.texts))])
+            if plan.texts
+            else np.zeros((0, DIM), np.float32)
+        )
     return store.commit(plan, np.asarray(vectors, dtype=np.float32))
 
 
@@ -32,6 +36,7 @@ def add(agent, text):
 
 
 # -- core block ---------------------------------------------------------------------------------
+
 
 def test_core_append_replace_rewrite_skip():
     s = c.MemoryState(DIM, core_limit=30)
@@ -43,7 +48,9 @@ def test_core_append_replace_rewrite_skip():
     assert s.core == "Name: Ana.\nLives in Cusco." and r.unmatched == []
     r = apply(s, [c.Action("core", "REPLACE", text="x", old=["Berlin"])])
     assert s.core == "Name: Ana.\nLives in Cusco." and not r.core_changed
-    assert [(u.action_index, u.agent, u.old_text, u.best_score) for u in r.unmatched] == [(0, "core", "Berlin", None)]
+    assert [(u.action_index, u.agent, u.old_text, u.best_score) for u in r.unmatched] == [
+        (0, "core", "Berlin", None)
+    ]
     r = apply(s, [c.Action("core", "SKIP"), c.Action("core", "APPEND", text="Has a cat named Miso.")])
     assert r.skipped == 1 and r.compression_due and s.compression_due
     r = apply(s, [c.Action("core", "REWRITE", text="Ana, Cusco, cat Miso.")])
@@ -58,6 +65,7 @@ def test_replace_only_first_occurrence():
 
 
 # -- banks ----------------------------------------------------------------------------------------
+
 
 def test_add_assigns_ids_kinds_and_provenance():
     s = c.MemoryState(DIM)
@@ -94,8 +102,11 @@ def test_history_mode_keeps_old_entries():
 
 def test_replace_mode_retires_exact_and_near_matches_and_reports_the_rest():
     s = c.MemoryState(DIM, update_mode="replace", match_threshold=0.9)
-    apply(s, [add("episodic", "a: hiking"), add("episodic", "b: concert"), add("semantic", "c: fact")],
-          np.stack([vec(0), vec(1), vec(2)]))
+    apply(
+        s,
+        [add("episodic", "a: hiking"), add("episodic", "b: concert"), add("semantic", "c: fact")],
+        np.stack([vec(0), vec(1), vec(2)]),
+    )
     # Exact (normalised) match retires without an embedding.
     plan = s.plan([c.Action("episodic", "UPDATE", text="a: hiking twice", old=["A: Hiking!"])], PROV)
     assert plan.texts == ["a: hiking twice"]
@@ -164,6 +175,7 @@ def test_bad_arguments_raise_invalid_argument():
 
 
 # -- search ---------------------------------------------------------------------------------------
+
 
 def test_search_orders_by_score_then_id_and_pads():
     s = c.MemoryState(DIM)

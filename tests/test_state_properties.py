@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from membuilder import _core as c
+
 from tests.reference.state_ref import RefAction, RefState, normalize_text
 
 DIM = 32
@@ -49,8 +49,15 @@ memory_text = st.builds(
     st.sampled_from(TOPICS),
     st.sampled_from(OBJECTS),
     st.sampled_from(["", " a lot", " on sundays"]),
-    st.sampled_from([lambda s: s, str.upper, lambda s: f'"{s}."', lambda s: s.replace(" ", "   "),
-                     lambda s: s.capitalize() + "!"]),
+    st.sampled_from(
+        [
+            lambda s: s,
+            str.upper,
+            lambda s: f'"{s}."',
+            lambda s: s.replace(" ", "   "),
+            lambda s: s.capitalize() + "!",
+        ]
+    ),
 )
 core_text = st.sampled_from(["Name: Alice.", "Lives in Paris.", "Likes tea", "Works as a nurse.", "tea"])
 
@@ -70,7 +77,9 @@ def action(draw):
     if op == "UPDATE":
         return c.Action(agent, op, text=draw(memory_text), old=[draw(memory_text)])
     if op == "MERGE":
-        return c.Action(agent, op, text=draw(memory_text), old=draw(st.lists(memory_text, min_size=2, max_size=3)))
+        return c.Action(
+            agent, op, text=draw(memory_text), old=draw(st.lists(memory_text, min_size=2, max_size=3))
+        )
     return c.Action(agent, op)
 
 

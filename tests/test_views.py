@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from membuilder import _core as c
 
 DIM = 16
@@ -30,8 +29,13 @@ def test_view_reads_like_its_base_and_keeps_its_own_changes():
     s, data = base_state()
     v = s.view()
     assert len(v) == len(s) and v.core == "base core" and v.dim == DIM and v.update_mode == "replace"
-    plan = v.plan([c.Action("semantic", "UPDATE", text="fact 5 revised", old=["fact 5"]),
-                   c.Action("core", "REWRITE", text="view core")], PROV)
+    plan = v.plan(
+        [
+            c.Action("semantic", "UPDATE", text="fact 5 revised", old=["fact 5"]),
+            c.Action("core", "REWRITE", text="view core"),
+        ],
+        PROV,
+    )
     r = v.commit(plan, data[5:6] + 0.01)
     assert r.retired == [5] and r.added == [200]
     assert v.added_ids() == [200] and v.retired_ids() == [5]
@@ -55,19 +59,24 @@ def test_state_mutation_after_views_does_not_change_them():
 
 
 def test_batch_plan_commit_search_equal_one_by_one():
-    s, data = base_state(300)
+    s, _ = base_state(300)
     rng = np.random.default_rng(1)
     views = [s.view() for _ in range(6)]
     singles = [s.view() for _ in range(6)]
-    actions = [[c.Action("semantic", "UPDATE", text=f"fact {i} v2", old=[f"fact {i}"]),
-                c.Action("semantic", "ADD", text=f"new {i}")] for i in range(6)]
+    actions = [
+        [
+            c.Action("semantic", "UPDATE", text=f"fact {i} v2", old=[f"fact {i}"]),
+            c.Action("semantic", "ADD", text=f"new {i}"),
+        ]
+        for i in range(6)
+    ]
     plans = c.plan_views(views, actions, [PROV] * 6)
     vecs = rng.standard_normal((sum(len(p) for p in plans), DIM)).astype(np.float32)
     reports = c.commit_views(views, plans, vecs)
     off = 0
     for v, a, r in zip(singles, actions, reports):
         p = v.plan(a, PROV)
-        one = v.commit(p, vecs[off:off + len(p)])
+        one = v.commit(p, vecs[off : off + len(p)])
         off += len(p)
         assert (one.added, one.retired) == (r.added, r.retired)
     q = rng.standard_normal((12, DIM)).astype(np.float32)
@@ -75,7 +84,7 @@ def test_batch_plan_commit_search_equal_one_by_one():
     ids, scores, kinds = c.search_views(views, idx, q, 5)
     for i in range(12):
         h = singles[idx[i]].search(q[i], 5)
-        assert list(ids[i]) == list(h.ids)
+        assert list(ids[i]) == list(h.ids) and list(kinds[i]) == list(h.kinds)
         np.testing.assert_array_equal(scores[i], h.scores)
     # A MemoryState can be mixed in.
     ids2, _, _ = c.search_views([s, views[0]], np.array([0, 1]), q[:2], 3)
@@ -106,7 +115,7 @@ def test_many_views_searched_from_many_threads(limit):
     views = [s.view() for _ in range(16)]
     for i, v in enumerate(views):
         p = v.plan([c.Action("semantic", "UPDATE", text=f"fact {i} new", old=[f"fact {i}"])], PROV)
-        v.commit(p, data[i:i + 1] + 0.05)
+        v.commit(p, data[i : i + 1] + 0.05)
     q = np.random.default_rng(3).standard_normal((32, DIM)).astype(np.float32)
     expected = [v.search_batch(q, 8) for v in views]
 
@@ -120,20 +129,26 @@ def test_many_views_searched_from_many_threads(limit):
             np.testing.assert_array_equal(a, b)
     # Each view's own retirement is honoured even on the graph path.
     for i, v in enumerate(views):
-        ids, _, _ = v.search_batch(data[i:i + 1], 400)
+        ids, _, _ = v.search_batch(data[i : i + 1], 400)
         assert i not in set(ids[0]) and 400 in set(ids[0])
 
 
 def test_materialize_equals_view():
     s, data = base_state()
     v = s.view()
-    p = v.plan([c.Action("semantic", "UPDATE", text="merged", old=["fact 2"]),
-                c.Action("core", "APPEND", text="more")], PROV)
+    p = v.plan(
+        [
+            c.Action("semantic", "UPDATE", text="merged", old=["fact 2"]),
+            c.Action("core", "APPEND", text="more"),
+        ],
+        PROV,
+    )
     v.commit(p, data[7:8])
     m = v.materialize()
     assert isinstance(m, c.MemoryState)
-    assert [(e.id, e.text, e.retired) for e in m.entries(include_retired=True)] == \
-        [(e.id, e.text, e.retired) for e in v.entries(include_retired=True)]
+    assert [(e.id, e.text, e.retired) for e in m.entries(include_retired=True)] == [
+        (e.id, e.text, e.retired) for e in v.entries(include_retired=True)
+    ]
     assert m.core == v.core == "base core\nmore"
     for a, b in zip(m.search_batch(data[:10], 6), v.search_batch(data[:10], 6)):
         np.testing.assert_array_equal(a, b)
@@ -143,7 +158,7 @@ def test_materialize_equals_view():
 def test_forked_child_does_not_deadlock():
     """The parent used the thread pool; a forked child (whose pool threads did not survive the
     fork) must still be able to search: it runs the same work on its own thread."""
-    s, data = base_state(300)
+    s, _ = base_state(300)
     q = np.random.default_rng(4).standard_normal((600, DIM)).astype(np.float32)  # several blocks
     want = s.search_batch(q, 5)[0]
     r, w = os.pipe()

@@ -39,6 +39,7 @@ __all__ = [
     "Entry",
     "InvalidArgumentError",
     "MembuilderError",
+    "MemoryConfig",
     "MemorySystem",
     "MemoryState",
     "ParseResult",
@@ -60,8 +61,8 @@ __all__ = [
 
 def __getattr__(name: str):
     # The facade pulls in the LLM and embedding stacks; import it only when asked for.
-    if name == "MemorySystem":
-        from membuilder.system import MemorySystem
+    if name in ("MemorySystem", "MemoryConfig"):
+        from membuilder import system
 
-        return MemorySystem
+        return getattr(system, name)
     raise AttributeError(f"module 'membuilder' has no attribute {name!r}")

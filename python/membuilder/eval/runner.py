@@ -220,6 +220,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--embed-cache-dir", type=Path, help="cache embeddings here (keyed by model and text); off by default"
     )
     g.add_argument(
+        "--checkpoint-every",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="save the memory after every N sessions (default 1: after every session; a larger N "
+        "writes less on long raw-turn builds, and a crash redoes at most N-1 sessions)",
+    )
+    g.add_argument(
         "--resume", action="store_true", help="continue a run in the same --output-dir / --db-path"
     )
     g.add_argument(
@@ -268,6 +276,7 @@ class EvalConfig:
     cache_dir: Path | None = None
     no_cache: bool = False
     embed_cache_dir: Path | None = None
+    checkpoint_every: int = 1
     resume: bool = False
     concurrency: int = 4
     progress: bool = True
@@ -322,6 +331,7 @@ class EvalConfig:
             cache_dir=args.cache_dir,
             no_cache=args.no_cache,
             embed_cache_dir=args.embed_cache_dir,
+            checkpoint_every=args.checkpoint_every,
             resume=args.resume,
             concurrency=args.concurrency,
             progress=not args.no_progress,
@@ -678,14 +688,16 @@ class Runner:
                             timestamp=s.timestamp,
                         )
                         # Checkpoint first: the log line is informational, the state is the truth.
-                        self.store.save(
-                            conv.id,
-                            state,
-                            s.index + 1,
-                            [x.id for x in conv.sessions[: s.index + 1]],
-                            fp,
-                            len(conv.sessions),
-                        )
+                        last = s.index + 1 == len(conv.sessions)
+                        if last or (s.index + 1) % self.cfg.checkpoint_every == 0:
+                            self.store.save(
+                                conv.id,
+                                state,
+                                s.index + 1,
+                                [x.id for x in conv.sessions[: s.index + 1]],
+                                fp,
+                                len(conv.sessions),
+                            )
                         build_log.append(_session_log(conv.id, s.id, res, len(state)))
                         self.sessions_built += 1
                         bar.update(1)
@@ -700,7 +712,7 @@ class Runner:
                 self.states[conv.id] = state
 
             try:
-                await asyncio.gather(*(one(c) for c in ds.conversations))
+                await _gather_or_cancel([one(c) for c in ds.conversations])
             finally:
                 bar.close()
 
@@ -816,7 +828,7 @@ class Runner:
                         )
 
             try:
-                await asyncio.gather(*(one(q) for q in pending))
+                await _gather_or_cancel([one(q) for q in pending])
             finally:
                 bar.close()
 
@@ -867,6 +879,19 @@ class Runner:
             (cfg.output_dir / "report.md").write_text(markdown_report(summary), encoding="utf-8")
             write_chart(summary, cfg.output_dir / "chart.png")
         return summary
+
+
+async def _gather_or_cancel(coros: Sequence[Any]) -> None:
+    """Run coroutines concurrently; on the first failure cancel the rest (so none writes to a
+    closed file afterwards) and re-raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _usage_total(usage: Mapping[str, Any]) -> dict[str, Any]:

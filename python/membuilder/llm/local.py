@@ -38,10 +38,14 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct-q4_1"
 
 # Bounds of the constrained output. Generous for a 135M model, and they keep a runaway generation
 # finite even with no max_tokens.
-MAX_OPERATIONS = 12
-MAX_MEMORY_CHARS = 600
+MAX_OPERATIONS = 8
+MAX_MEMORY_CHARS = 400
 MAX_OLD_MEMORIES = 5
-MAX_CORE_CHARS = 1500
+MAX_CORE_CHARS = 1000
+# llama.cpp's schema-to-grammar conversion unrolls a bounded string into one rule per character;
+# from about 1,024 characters on, sampling with that grammar crashes the process (measured with
+# llama-cpp-python 0.3.36), so no string bound ever exceeds this.
+GRAMMAR_MAX_STRING = 1000
 
 
 def find_smollm2_gguf() -> Path:
@@ -70,7 +74,7 @@ def find_smollm2_gguf() -> Path:
 
 
 def _string(max_len: int) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": max_len}
+    return {"type": "string", "minLength": 1, "maxLength": max(1, min(max_len, GRAMMAR_MAX_STRING))}
 
 
 def _op(action: str, **fields: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +164,7 @@ class LocalLLM:
         *,
         n_ctx: int = 8192,
         n_threads: int | None = None,
-        default_max_tokens: int = 768,
+        default_max_tokens: int = 1536,
         model_name: str = DEFAULT_MODEL_NAME,
     ) -> None:
         if util.find_spec("llama_cpp") is None:

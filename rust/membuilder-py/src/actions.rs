@@ -466,7 +466,10 @@ pub(crate) fn str_objects<'py>(
                     .name()
                     .map(|n| n.to_string())
                     .unwrap_or_default();
-                return Err(invalid_argument(py, format!("{what} must hold str, got {name}")));
+                return Err(invalid_argument(
+                    py,
+                    format!("{what} must hold str, got {name}"),
+                ));
             }
         }
     }

@@ -48,13 +48,13 @@ fn new_error(
     build().unwrap_or_else(|_| PyValueError::new_err(args.0))
 }
 
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+pub fn register<'py>(m: &Bound<'py, PyModule>) -> PyResult<()> {
     let py = m.py();
     let base = py.get_type::<MembuilderError>();
     m.add("MembuilderError", &base)?;
     let builtins = py.import("builtins")?;
     let type_fn = builtins.getattr("type")?;
-    let make = |name: &str, other: Bound<'_, PyAny>, doc: &str| -> PyResult<Bound<'_, PyAny>> {
+    let make = |name: &str, other: Bound<'py, PyAny>, doc: &str| -> PyResult<Bound<'py, PyAny>> {
         let ns = pyo3::types::PyDict::new(py);
         ns.set_item("__doc__", doc)?;
         ns.set_item("__module__", "membuilder._core")?;

@@ -491,6 +491,9 @@ fn prepare_queries(py: Python<'_>, data: &[f32], rows: usize, dim: usize) -> PyR
     state::prepare_vectors(data, rows, dim, "query").map_err(|e| state_err(py, e))
 }
 
+/// Per query: hits, and (for single searches) the hit entries as they were at search time.
+type HitsAndEntries = (Vec<Vec<Hit>>, Vec<Vec<Entry>>);
+
 fn search_arrays<'py, S: Store>(
     py: Python<'py>,
     lock: &RwLock<S>,
@@ -499,7 +502,7 @@ fn search_arrays<'py, S: Store>(
     k: i64,
     kind: Option<&str>,
     allow_1d: bool,
-) -> PyResult<(Vec<Vec<Hit>>, Vec<Vec<Entry>>)> {
+) -> PyResult<HitsAndEntries> {
     let k = check_k(py, k)?;
     let kind = parse_kind(py, kind)?;
     let arr = F32Array::extract(queries, "queries")?;
@@ -879,18 +882,36 @@ fn plan_views(
 
 /// Read-lock each distinct lock once; returns, per input, the index of its guard.
 fn read_distinct<'a, T>(locks: &[&'a RwLock<T>]) -> (Vec<usize>, Vec<RwLockReadGuard<'a, T>>) {
-    let mut seen: HashMap<*const RwLock<T>, usize> = HashMap::new();
-    let mut guards = Vec::new();
-    let order = locks
+    let keys: Vec<usize> = locks
         .iter()
-        .map(|&l| {
-            *seen.entry(l as *const _).or_insert_with(|| {
-                guards.push(read(l));
-                guards.len() - 1
-            })
-        })
+        .map(|&l| l as *const RwLock<T> as usize)
         .collect();
-    (order, guards)
+    let (slots, order) = lock_slots(&keys);
+    let guards = order.iter().map(|&i| read(locks[i])).collect();
+    (slots, guards)
+}
+
+/// Deadlock avoidance for calls that lock several stores: every such call takes its locks in
+/// ascending address order, so two calls can never wait on each other in a cycle. Given one key
+/// (address) per input, returns per input the slot of its (deduplicated) guard, and the input
+/// index to lock for each slot, slots in ascending address order.
+fn lock_slots(keys: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let mut distinct: Vec<(usize, usize)> = Vec::new(); // (address, first input index)
+    let mut seen: HashMap<usize, ()> = HashMap::new();
+    for (i, &k) in keys.iter().enumerate() {
+        if seen.insert(k, ()).is_none() {
+            distinct.push((k, i));
+        }
+    }
+    distinct.sort_unstable();
+    let slot_of: HashMap<usize, usize> = distinct
+        .iter()
+        .enumerate()
+        .map(|(slot, &(k, _))| (k, slot))
+        .collect();
+    let slots = keys.iter().map(|k| slot_of[k]).collect();
+    let order = distinct.into_iter().map(|(_, i)| i).collect();
+    (slots, order)
 }
 
 /// Commit many plans at once; ``vectors`` stacks every plan's rows in order.
@@ -942,8 +963,18 @@ fn commit_views(
     state::prepare_vectors(&data, total, dim, "commit_views").map_err(|e| state_err(py, e))?;
     let plan_refs: Vec<&Plan> = plans.iter().map(|p| &p.inner).collect();
     let results = detach(py, || {
-        let mut guards: Vec<RwLockWriteGuard<'_, StateView>> =
-            locks.iter().map(|l| write(l)).collect();
+        // Views are distinct (checked above); lock them in address order (see `lock_slots`).
+        let keys: Vec<usize> = locks
+            .iter()
+            .map(|&l| l as *const RwLock<StateView> as usize)
+            .collect();
+        let (slots, order) = lock_slots(&keys);
+        let mut sorted: Vec<Option<RwLockWriteGuard<'_, StateView>>> =
+            order.iter().map(|&i| Some(write(locks[i]))).collect();
+        let mut guards: Vec<RwLockWriteGuard<'_, StateView>> = slots
+            .iter()
+            .map(|&s| sorted[s].take().expect("distinct views"))
+            .collect();
         for (i, (g, p)) in guards.iter().zip(&plan_refs).enumerate() {
             if let Err(e) = g.check_plan(p) {
                 return Err((i, e));
@@ -1048,23 +1079,21 @@ fn search_views<'py>(
     }
     let q = prepare_queries(py, &arr.data(), nq, dim)?;
     let hits = detach(py, || {
-        // Lock each distinct store once, then search every (view, query) pair in one batch.
-        let mut slot_of: HashMap<usize, usize> = HashMap::new();
-        let mut guards: Vec<AnyGuard<'_>> = Vec::new();
-        let view_slot: Vec<usize> = locks
+        // Lock each distinct store once (in address order, see `lock_slots`), then search every
+        // (view, query) pair in one batch.
+        let keys: Vec<usize> = locks
             .iter()
-            .map(|l| {
-                let key = match l {
-                    AnyLock::State(s) => *s as *const _ as usize,
-                    AnyLock::View(v) => *v as *const _ as usize,
-                };
-                *slot_of.entry(key).or_insert_with(|| {
-                    guards.push(match l {
-                        AnyLock::State(s) => AnyGuard::State(read(s)),
-                        AnyLock::View(v) => AnyGuard::View(read(v)),
-                    });
-                    guards.len() - 1
-                })
+            .map(|l| match l {
+                AnyLock::State(s) => *s as *const RwLock<MemoryState> as usize,
+                AnyLock::View(v) => *v as *const RwLock<StateView> as usize,
+            })
+            .collect();
+        let (view_slot, order) = lock_slots(&keys);
+        let guards: Vec<AnyGuard<'_>> = order
+            .iter()
+            .map(|&i| match &locks[i] {
+                AnyLock::State(s) => AnyGuard::State(read(s)),
+                AnyLock::View(v) => AnyGuard::View(read(v)),
             })
             .collect();
         let items: Vec<(Layers<'_>, usize)> = index
