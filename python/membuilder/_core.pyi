@@ -84,6 +84,7 @@ class Action:
     def to_dict(self) -> dict[str, object]:
         """The action in the canonical JSON shape the agents' prompts ask for."""
     def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
 
 @final
 class Rejection:
@@ -99,6 +100,8 @@ class Rejection:
     code: str
     message: str
     index: int | None
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
 
 @final
 class ParseResult:
@@ -118,9 +121,14 @@ class ParseResult:
         """The new content joined with newlines, for counting tokens with a real tokenizer."""
     def to_json(self) -> str:
         """Canonical JSON of the valid actions (stable key order), for storing."""
+    def __eq__(self, other: object) -> bool: ...
 
 def parse_actions(agent: Agent, raw: str) -> ParseResult:
-    """Parse one raw model output. Never raises for anything a model can emit."""
+    """Parse one raw model output. Never raises for anything a model can emit.
+
+    Tolerated forms, key aliases and limits are listed in the Rust module
+    ``membuilder_core::actions``; a ``str`` with lone surrogates is read with U+FFFD replacement.
+    """
 
 def parse_actions_batch(agents: Sequence[Agent], raws: Sequence[str]) -> list[ParseResult]:
     """Parse many outputs in parallel with the GIL released. Raises only on mismatched lengths."""
@@ -144,6 +152,8 @@ class Provenance:
         timestamp: str | None = None,
         turn_ids: Sequence[str] = (),
     ) -> None: ...
+    def to_dict(self) -> dict[str, object]: ...
+    def __eq__(self, other: object) -> bool: ...
 
 @final
 class Entry:
@@ -152,6 +162,8 @@ class Entry:
     text: str
     provenance: Provenance
     retired: bool
+    def to_dict(self) -> dict[str, object]: ...
+    def __eq__(self, other: object) -> bool: ...
 
 @final
 class Unmatched:
@@ -169,6 +181,13 @@ class Plan:
     ``texts`` are the new memory texts followed (in ``replace`` mode) by old texts that need an
     embedding to be matched. A plan belongs to the state or view that made it and to that state's
     version; committing it elsewhere, or after another commit, raises InvalidArgumentError.
+
+    In ``replace`` mode an old text names the lowest-id live entry of the same bank whose
+    normalised text (lower case, whitespace runs collapsed, leading/trailing punctuation, quotes
+    and spaces stripped) equals its own; failing that, the nearest live entry of that bank by
+    cosine if the score is at least ``match_threshold``; anything else is reported in
+    ``CommitReport.unmatched``. Old texts are embedded only when the plan finds no exact match.
+    Any change to the store (commit, add_entries, set_core) makes its outstanding plans stale.
     """
 
     texts: list[str]
@@ -180,6 +199,9 @@ class CommitReport:
     retired: list[int]
     unmatched: list[Unmatched]
     skipped: int
+    duplicates: int
+    """New texts (ADD, or UPDATE/MERGE's new text) dropped because a live entry of the same bank
+    already has the same normalised text."""
     core_before: str
     core_after: str
     core_changed: bool
@@ -203,6 +225,9 @@ class _Store:
     update_mode: UpdateMode
     core: str
     compression_due: bool
+    core_limit: int
+    exact_search_limit: int
+    match_threshold: float
     def __len__(self) -> int:
         """Live (not retired) entries over all banks."""
     def count(self, kind: BankKind | None = None) -> int: ...
@@ -245,9 +270,6 @@ class MemoryState(_Store):
     above which an old text with no exact (normalised) match is matched to its nearest entry.
     """
 
-    core_limit: int
-    exact_search_limit: int
-    match_threshold: float
     def __init__(
         self,
         dim: int,
@@ -268,13 +290,15 @@ class MemoryState(_Store):
     def copy(self) -> MemoryState:
         """A deep copy (what views avoid)."""
     def to_dict(self) -> dict[str, object]:
-        """Plain data (core, settings, entries with provenance); vectors left out."""
+        """Plain data (format_version, core, settings, entries with provenance); vectors left out."""
 
 @final
 class StateView(_Store):
     """A rollout's view: a shared, immutable base plus its own delta (added entries, retired ids,
     core override). Creating one copies nothing that grows with the base."""
 
+    def copy(self) -> StateView:
+        """An independent copy of this view (same shared base, copied delta)."""
     def added_ids(self) -> list[int]: ...
     def retired_ids(self) -> list[int]: ...
     def materialize(self) -> MemoryState:
@@ -325,6 +349,7 @@ class RewardConfig:
     def to_dict(self) -> dict[str, float | bool]: ...
     @staticmethod
     def from_dict(d: dict[str, float | bool]) -> RewardConfig: ...
+    def __eq__(self, other: object) -> bool: ...
 
 def approx_tokens(text: str) -> int:
     """Characters / 4 (rounded down): the unit used on both sides when no tokenizer is given."""
@@ -362,12 +387,14 @@ class RewardBatch:
     reward: npt.NDArray[np.float64]
     weight: npt.NDArray[np.float64]
     dominant: list[BankKind | None]
+    def __len__(self) -> int: ...
 
 @final
 class RewardKernel:
     """Batch entry points over many rollouts at once (GIL released)."""
 
     config: RewardConfig
+    """Read/write; reading returns a copy."""
     def __init__(self, config: RewardConfig | None = None) -> None: ...
     def length_penalties(
         self,
