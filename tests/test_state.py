@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from membuilder import _core as c
 
-from tests.reference.state_ref import normalize_text
+from reference.state_ref import normalize_text
 
 DIM = 8
 PROV = c.Provenance("conv", 2, "2023-05-08 13:56", ["D3:1", "D3:2"])

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from membuilder import _core as c
 
-from tests.reference.state_ref import RefAction, RefState, normalize_text
+from reference.state_ref import RefAction, RefState, normalize_text
 
 DIM = 32
 TOPICS = ["alice", "bob", "carol", "dave"]

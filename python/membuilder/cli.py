@@ -21,7 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="membuilder", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="membuilder",
+        description="Build, evaluate and train long-term memory for LLM agents (MemBuilder, ADRPO).",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)

@@ -597,7 +597,7 @@ fn scan_span(b: &[u8], start: usize) -> Span {
                 // Jump over the string, honouring escapes.
                 let mut j = i + 1;
                 loop {
-                    match b[j..].iter().position(|&x| x == b'"' || x == b'\\') {
+                    match find_either(&b[j..], b'"', b'\\') {
                         None => return Span::Open,
                         Some(off) if b[j + off] == b'\\' => {
                             j += off + 2;
@@ -648,6 +648,30 @@ fn scan_span(b: &[u8], start: usize) -> Span {
         i += 1;
     }
     Span::Open
+}
+
+/// Index of the first byte of `b` equal to `x` or `y`: `b.iter().position(..)`, eight bytes at
+/// a time (most of a model's output is string contents and prose, which the bracket scan skips
+/// with this).
+#[inline]
+fn find_either(b: &[u8], x: u8, y: u8) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    // A byte of `w ^ pattern` is zero where `w` holds the byte. `(v - LO) & !v & HI` flags such
+    // bytes; a borrow can also flag a byte above a true zero, never one below, so the lowest
+    // flag (little-endian order = first in memory) is exact.
+    let (px, py) = (LO * x as u64, LO * y as u64);
+    let mut i = 0;
+    while i + 8 <= b.len() {
+        let w = u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let (vx, vy) = (w ^ px, w ^ py);
+        let m = ((vx.wrapping_sub(LO) & !vx) | (vy.wrapping_sub(LO) & !vy)) & HI;
+        if m != 0 {
+            return Some(i + (m.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    b[i..].iter().position(|&c| c == x || c == y).map(|o| i + o)
 }
 
 fn next_non_ws(b: &[u8], from: usize) -> Option<u8> {
@@ -750,7 +774,7 @@ fn find_answer(text: &str) -> Result<(Value, bool), Rejection> {
     let mut invalid: Option<String> = None;
     let mut truncated = false;
     while i < b.len() {
-        let Some(off) = b[i..].iter().position(|c| *c == b'{' || *c == b'[') else {
+        let Some(off) = find_either(&b[i..], b'{', b'[') else {
             break;
         };
         let start = i + off;
@@ -1589,6 +1613,17 @@ mod tests {
             "x",
         ]);
         prop::collection::vec(atoms, 0..80).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn find_either_matches_position(
+            b in proptest::collection::vec(prop_oneof![Just(b'"'), Just(b'\\'), Just(0x22u8 ^ 0x80), Just(0u8), Just(0xffu8), any::<u8>()], 0..40),
+            x in prop_oneof![Just(b'"'), Just(b'{'), any::<u8>()],
+            y in prop_oneof![Just(b'\\'), Just(b'['), any::<u8>()],
+        ) {
+            prop_assert_eq!(find_either(&b, x, y), b.iter().position(|&c| c == x || c == y));
+        }
     }
 
     proptest! {

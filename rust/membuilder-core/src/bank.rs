@@ -6,6 +6,7 @@
 //! id order (which makes "ties by ascending id" the same as "ties by ascending row").
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::kinds::BankKind;
@@ -30,7 +31,7 @@ pub struct Bank {
     pub live: Vec<bool>,
     pub n_live: usize,
     /// Normalised text -> rows with that text (ascending), live or not.
-    pub by_text: HashMap<String, Vec<u32>>,
+    pub by_text: HashMap<String, Vec<u32>, BuildHasherDefault<TextHasher>>,
     /// HNSW over a prefix of the rows; shared (read-only) with clones and views.
     pub graph: Option<Arc<Graph>>,
 }
@@ -44,7 +45,7 @@ impl Bank {
             vectors: Vec::new(),
             live: Vec::new(),
             n_live: 0,
-            by_text: HashMap::new(),
+            by_text: HashMap::default(),
             graph: None,
         }
     }
@@ -66,16 +67,29 @@ impl Bank {
         vector: &[f32],
         live: bool,
     ) {
+        let norm = normalize_text(&text);
+        self.push_normalized(id, text, norm, provenance, vector, live);
+    }
+
+    /// [`Bank::push`] for a caller that already has `normalize_text(&text)` (a plan computes it
+    /// once; normalising again on commit was a measurable share of the apply path).
+    pub fn push_normalized(
+        &mut self,
+        id: u64,
+        text: String,
+        norm: String,
+        provenance: Arc<Provenance>,
+        vector: &[f32],
+        live: bool,
+    ) {
         debug_assert_eq!(vector.len(), self.dim);
+        debug_assert_eq!(norm, normalize_text(&text));
         debug_assert!(
             self.rows.last().is_none_or(|r| r.id < id),
             "ids must increase"
         );
         let row = self.rows.len() as u32;
-        self.by_text
-            .entry(normalize_text(&text))
-            .or_default()
-            .push(row);
+        self.by_text.entry(norm).or_default().push(row);
         self.rows.push(Row {
             id,
             text,
@@ -243,10 +257,128 @@ impl Bank {
     }
 }
 
+/// A fast, non-keyed hash for the exact-text index (every planned and committed text is looked
+/// up; SipHash was a visible share of the apply path). Texts come from our own models and the
+/// index is private to one bank, so flooding resistance buys nothing here.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TextHasher(u64);
+
+impl TextHasher {
+    const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::K);
+    }
+}
+
+impl Hasher for TextHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut last = [0u8; 8];
+            last[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(last));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, b: u8) {
+        self.add(b as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        // The multiply leaves its entropy in the high bits; fold them into the low bits, which
+        // pick the bucket.
+        self.0 ^ (self.0 >> 29)
+    }
+}
+
 /// The exact-match form of a memory text: Unicode lower case, runs of whitespace collapsed to one
 /// space, and leading/trailing punctuation, quotes and spaces removed. `"  The User's dog is
 /// Rex. "` and `"the user's dog is rex"` match; inner punctuation is kept.
+///
+/// One pass and one allocation (it runs for every text a plan or commit touches). The result is
+/// exactly `text.to_lowercase()`, split on Unicode whitespace, joined with single spaces, then
+/// trimmed of spaces and edge punctuation (see [`normalize_text_reference`], which the tests
+/// compare against).
 pub fn normalize_text(text: &str) -> String {
+    // `str::to_lowercase` maps a capital sigma by its position in a word (final form), which a
+    // per-character lower-casing cannot see; such (rare) texts take the reference path.
+    if text.contains('\u{3A3}') {
+        return normalize_text_reference(text);
+    }
+    let bytes = text.as_bytes();
+    let mut out: Vec<u8> = Vec::with_capacity(text.len());
+    // A whitespace run seen after some output, not yet written (runs collapse to one space, and
+    // trailing ones are dropped).
+    let mut space = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b.is_ascii() {
+            // ASCII white space in Unicode's sense (`char::is_whitespace`): \t \n \v \f \r and space.
+            if is_ascii_space(b) {
+                space = !out.is_empty();
+                i += 1;
+            } else {
+                // A run of other ASCII bytes (most of a word): copy it whole, then lower-case it.
+                let run = bytes[i..]
+                    .iter()
+                    .position(|&c| !c.is_ascii() || is_ascii_space(c))
+                    .map_or(bytes.len(), |o| i + o);
+                if space {
+                    out.push(b' ');
+                    space = false;
+                }
+                let from = out.len();
+                out.extend_from_slice(&bytes[i..run]);
+                out[from..].make_ascii_lowercase();
+                i = run;
+            }
+            continue;
+        }
+        let c = text[i..].chars().next().expect("char boundary");
+        i += c.len_utf8();
+        for l in c.to_lowercase() {
+            if l.is_whitespace() {
+                space = !out.is_empty();
+            } else {
+                if space {
+                    out.push(b' ');
+                    space = false;
+                }
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(l.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    let mut out = String::from_utf8(out).expect("built from whole characters");
+    let edge = |c: char| c == ' ' || is_edge_punct(c);
+    let trimmed = out.trim_matches(edge);
+    if trimmed.len() == out.len() {
+        return out;
+    }
+    let start = trimmed.as_ptr() as usize - out.as_ptr() as usize;
+    let end = start + trimmed.len();
+    out.truncate(end);
+    out.drain(..start);
+    out
+}
+
+#[inline]
+fn is_ascii_space(b: u8) -> bool {
+    matches!(b, b'\t'..=b'\r' | b' ')
+}
+
+/// The definition of [`normalize_text`], step by step (slower: three allocations).
+pub fn normalize_text_reference(text: &str) -> String {
     let lowered = text.to_lowercase();
     let collapsed = lowered.split_whitespace().collect::<Vec<_>>().join(" ");
     collapsed
@@ -256,4 +388,40 @@ pub fn normalize_text(text: &str) -> String {
 
 fn is_edge_punct(c: char) -> bool {
     c.is_ascii_punctuation() || matches!(c, '“' | '”' | '‘' | '’' | '«' | '»' | '…' | '„' | '‚')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn normalize_matches_reference_on_edge_cases() {
+        for t in [
+            "",
+            "   ",
+            "  The User's dog is Rex. ",
+            "\u{3A3}\u{391}\u{3A3} \u{39F}\u{394}\u{39F}\u{3A3}",
+            "...\"«Hello»\"...",
+            "a\u{3000}b\u{85}c\u{a0}d\te\nf",
+            "\u{b}A\u{c}B\u{1c}C\u{1f} D\r\n",
+            "İstanbul ǅ ẞ",
+            "…„‚",
+            "caf\u{e9} na\u{ef}ve \u{6771}\u{4eac} \u{1f600}!",
+        ] {
+            assert_eq!(normalize_text(t), normalize_text_reference(t), "{t:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn normalize_matches_reference(t in "(\\PC|\\s|[.,!?\"'“”‘’«»…„‚ΣσςİI])*") {
+            prop_assert_eq!(normalize_text(&t), normalize_text_reference(&t));
+        }
+
+        #[test]
+        fn normalize_matches_reference_any_string(t in any::<String>()) {
+            prop_assert_eq!(normalize_text(&t), normalize_text_reference(&t));
+        }
+    }
 }

@@ -134,6 +134,11 @@ impl StateView {
     }
 
     pub fn plan(&self, actions: &[Action], provenance: Provenance) -> Result<Plan> {
+        self.plan_owned(actions.to_vec(), provenance)
+    }
+
+    /// [`StateView::plan`] for actions the caller no longer needs (the plan keeps them: no copy).
+    pub fn plan_owned(&self, actions: Vec<Action>, provenance: Provenance) -> Result<Plan> {
         make_plan(self.layers(), self.owner, self.version, actions, provenance)
     }
 
@@ -227,12 +232,13 @@ impl Target for StateView {
         &mut self,
         kind: BankKind,
         text: String,
+        norm: String,
         provenance: Arc<Provenance>,
         vector: &[f32],
     ) -> u64 {
         let id = self.delta.next_id;
         self.delta.next_id += 1;
-        self.delta.banks[kind as usize].push(id, text, provenance, vector, true);
+        self.delta.banks[kind as usize].push_normalized(id, text, norm, provenance, vector, true);
         id
     }
     fn retire(&mut self, id: u64) -> bool {
@@ -274,6 +280,19 @@ pub fn plan_views(
 ) -> Vec<Result<Plan>> {
     crate::par::map_indices(views.len(), |i| {
         views[i].plan(&actions[i], provenances[i].clone())
+    })
+}
+
+/// [`plan_views`] where view `i`'s actions are the concatenation of `segments[i]` (e.g. the
+/// actions of its four agents' parse results): each view copies its own actions, in parallel,
+/// straight into its plan.
+pub fn plan_views_segments(
+    views: &[&StateView],
+    segments: &[Vec<&[Action]>],
+    provenances: &[Provenance],
+) -> Vec<Result<Plan>> {
+    crate::par::map_indices(views.len(), |i| {
+        views[i].plan_owned(segments[i].concat(), provenances[i].clone())
     })
 }
 

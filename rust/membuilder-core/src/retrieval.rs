@@ -85,6 +85,21 @@ pub fn normalize(v: &mut [f32]) -> Result<(), VectorProblem> {
     Ok(())
 }
 
+/// Whether [`normalize`] would accept `v`, without changing it (same checks, same answer).
+pub fn check_normalizable(v: &[f32]) -> Result<(), VectorProblem> {
+    let mut ss = 0f64;
+    for &x in v.iter() {
+        if !x.is_finite() {
+            return Err(VectorProblem::NonFinite);
+        }
+        ss += (x as f64) * (x as f64);
+    }
+    if ss <= 0.0 || !ss.is_finite() {
+        return Err(VectorProblem::Zero);
+    }
+    Ok(())
+}
+
 /// `a` ranks before `b`: higher score, or equal score and smaller key.
 #[inline]
 pub fn ranks_before(a: (f32, u64), b: (f32, u64)) -> bool {

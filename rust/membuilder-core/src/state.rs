@@ -202,6 +202,11 @@ pub struct Plan {
     pub(crate) new_slot: Vec<Option<usize>>,
     /// Per action: per old text, its row in `texts` if it was embedded.
     pub(crate) old_slots: Vec<Vec<Option<usize>>>,
+    /// `normalize_text` of each new bank text (row `r` of `texts` for `r < new_norms.len()`),
+    /// computed once here and reused by the commit's duplicate check and the bank's text index.
+    pub(crate) new_norms: Vec<String>,
+    /// Per action: `normalize_text` of each old text (replace mode only; empty otherwise).
+    pub(crate) old_norms: Vec<Vec<String>>,
 }
 
 impl Plan {
@@ -503,10 +508,12 @@ pub(crate) trait Target {
     fn owner(&self) -> u64;
     fn version(&self) -> u64;
     fn bump_version(&mut self);
+    /// Append a live entry; `norm` is `normalize_text(&text)`.
     fn push_entry(
         &mut self,
         kind: BankKind,
         text: String,
+        norm: String,
         provenance: Arc<Provenance>,
         vector: &[f32],
     ) -> u64;
@@ -550,20 +557,24 @@ fn check_action(index: usize, a: &Action) -> Result<()> {
     }
 }
 
-/// Phase one (see the module docs).
+/// Phase one (see the module docs). Takes the actions by value: the plan keeps them.
 pub(crate) fn make_plan(
     layers: Layers<'_>,
     owner: u64,
     version: u64,
-    actions: &[Action],
+    actions: Vec<Action>,
     provenance: Provenance,
 ) -> Result<Plan> {
     let mode = layers.config().update_mode;
     let mut texts = Vec::new();
+    let mut new_norms = Vec::new();
     let mut new_slot = Vec::with_capacity(actions.len());
+    // Texts this plan adds, per bank: an old text naming one of them needs no embedding (it
+    // will match exactly at commit). Only consulted in replace mode.
     let mut pending: [HashSet<String>; 3] = Default::default();
     let mut old_texts: Vec<String> = Vec::new();
     let mut old_rel: Vec<Vec<Option<usize>>> = Vec::with_capacity(actions.len());
+    let mut old_norms: Vec<Vec<String>> = Vec::new();
     for (i, a) in actions.iter().enumerate() {
         check_action(i, a)?;
         let mut olds = Vec::new();
@@ -573,20 +584,30 @@ pub(crate) fn make_plan(
             continue;
         };
         let text = a.text.clone().unwrap_or_default();
-        if mode == UpdateMode::Replace && matches!(a.op, Op::Update | Op::Merge) {
-            for old in &a.old {
-                let norm = normalize_text(old);
-                if layers.find_exact(kind, &norm).is_some()
-                    || pending[kind as usize].contains(&norm)
-                {
-                    olds.push(None);
-                } else {
-                    olds.push(Some(old_texts.len()));
-                    old_texts.push(old.clone());
+        if mode == UpdateMode::Replace {
+            let mut norms = Vec::new();
+            if matches!(a.op, Op::Update | Op::Merge) {
+                for old in &a.old {
+                    let norm = normalize_text(old);
+                    if layers.find_exact(kind, &norm).is_some()
+                        || pending[kind as usize].contains(&norm)
+                    {
+                        olds.push(None);
+                    } else {
+                        olds.push(Some(old_texts.len()));
+                        old_texts.push(old.clone());
+                    }
+                    norms.push(norm);
                 }
             }
+            old_norms.resize(i, Vec::new());
+            old_norms.push(norms);
         }
-        pending[kind as usize].insert(normalize_text(&text));
+        let norm = normalize_text(&text);
+        if mode == UpdateMode::Replace {
+            pending[kind as usize].insert(norm.clone());
+        }
+        new_norms.push(norm);
         new_slot.push(Some(texts.len()));
         texts.push(text);
         old_rel.push(olds);
@@ -601,10 +622,12 @@ pub(crate) fn make_plan(
         owner,
         version,
         texts,
-        actions: actions.to_vec(),
+        actions,
         provenance: Arc::new(provenance),
         new_slot,
         old_slots,
+        new_norms,
+        old_norms,
     })
 }
 
@@ -624,6 +647,24 @@ pub fn prepare_vectors(vectors: &[f32], rows: usize, dim: usize, what: &str) -> 
         })?;
     }
     Ok(v)
+}
+
+/// The checks of [`prepare_vectors`] (same errors), without copying or normalising: for callers
+/// that validate a whole batch up front and normalise each part later.
+pub fn check_vectors(vectors: &[f32], rows: usize, dim: usize, what: &str) -> Result<()> {
+    if vectors.len() != rows * dim {
+        return Err(StateError::InvalidArgument(format!(
+            "{what}: expected {rows} vectors of dimension {dim} ({} floats), got {} floats",
+            rows * dim,
+            vectors.len()
+        )));
+    }
+    for (r, chunk) in vectors.chunks_exact(dim.max(1)).enumerate() {
+        retrieval::check_normalizable(chunk).map_err(|p| {
+            StateError::InvalidArgument(format!("{what}: vector {r} {}", p.describe()))
+        })?;
+    }
+    Ok(())
 }
 
 /// Phase two (see the module docs).
@@ -676,7 +717,10 @@ pub(crate) fn apply_plan<T: Target>(
             (Some(kind), Op::Add | Op::Update | Op::Merge) => {
                 if mode == UpdateMode::Replace && a.op != Op::Add {
                     for (j, old) in a.old.iter().enumerate() {
-                        let norm = normalize_text(old);
+                        let norm = match plan.old_norms.get(i).and_then(|n| n.get(j)) {
+                            Some(n) => std::borrow::Cow::Borrowed(n.as_str()),
+                            None => std::borrow::Cow::Owned(normalize_text(old)),
+                        };
                         if let Some(id) = target.layers().find_exact(kind, &norm) {
                             target.retire(id);
                             report.retired.push(id);
@@ -702,16 +746,19 @@ pub(crate) fn apply_plan<T: Target>(
                         });
                     }
                 }
-                let text = a.text.clone().unwrap_or_default();
-                if target
-                    .layers()
-                    .find_exact(kind, &normalize_text(&text))
-                    .is_some()
-                {
+                let slot = plan.new_slot[i].expect("bank text slot");
+                let norm = &plan.new_norms[slot];
+                if target.layers().find_exact(kind, norm).is_some() {
                     report.duplicates += 1;
                 } else {
-                    let slot = plan.new_slot[i].expect("bank text slot");
-                    let id = target.push_entry(kind, text, Arc::clone(&plan.provenance), row(slot));
+                    let text = a.text.clone().unwrap_or_default();
+                    let id = target.push_entry(
+                        kind,
+                        text,
+                        norm.clone(),
+                        Arc::clone(&plan.provenance),
+                        row(slot),
+                    );
                     report.added.push(id);
                 }
             }
@@ -747,6 +794,7 @@ pub(crate) fn add_direct<T: Target>(
         ids.push(target.push_entry(
             kind,
             t.clone(),
+            normalize_text(t),
             Arc::new(p.clone()),
             &vecs[i * dim..(i + 1) * dim],
         ));
@@ -822,7 +870,13 @@ impl MemoryState {
     }
 
     pub fn plan(&self, actions: &[Action], provenance: Provenance) -> Result<Plan> {
-        make_plan(self.layers(), self.owner, self.version, actions, provenance)
+        make_plan(
+            self.layers(),
+            self.owner,
+            self.version,
+            actions.to_vec(),
+            provenance,
+        )
     }
 
     pub fn commit(&mut self, plan: &Plan, vectors: &[f32]) -> Result<CommitReport> {
@@ -892,13 +946,14 @@ impl Target for MemoryState {
         &mut self,
         kind: BankKind,
         text: String,
+        norm: String,
         provenance: Arc<Provenance>,
         vector: &[f32],
     ) -> u64 {
         let snap = Arc::make_mut(&mut self.snap);
         let id = snap.next_id;
         snap.next_id += 1;
-        snap.banks[kind as usize].push(id, text, provenance, vector, true);
+        snap.banks[kind as usize].push_normalized(id, text, norm, provenance, vector, true);
         id
     }
     fn retire(&mut self, id: u64) -> bool {
@@ -1145,7 +1200,7 @@ mod tests {
                 t.layers(),
                 t.owner(),
                 t.version(),
-                actions,
+                actions.clone(),
                 Provenance::default(),
             )
             .unwrap();

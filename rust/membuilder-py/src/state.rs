@@ -80,9 +80,16 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 /// actions of several ParseResults are concatenated; `Unmatched.action_index` counts in that
 /// concatenation.
 fn extract_actions(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Action>> {
+    let sources = action_sources(obj)?;
+    Ok(action_segments(&sources).concat())
+}
+
+/// The Action / ParseResult objects that [`extract_actions`] reads, type-checked (same errors),
+/// kept alive so that [`action_segments`] can borrow their actions without copying them.
+fn action_sources<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
     let py = obj.py();
-    if let Ok(pr) = obj.cast::<PyParseResult>() {
-        return Ok(pr.get().inner.actions.clone());
+    if obj.cast::<PyParseResult>().is_ok() {
+        return Ok(vec![obj.clone()]);
     }
     if obj.is_instance_of::<PyString>() {
         return Err(invalid_argument(
@@ -99,11 +106,7 @@ fn extract_actions(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Action>> {
     })?;
     for item in iter {
         let item = item?;
-        if let Ok(a) = item.cast::<PyAction>() {
-            out.push(a.get().inner.clone());
-        } else if let Ok(pr) = item.cast::<PyParseResult>() {
-            out.extend(pr.get().inner.actions.iter().cloned());
-        } else {
+        if item.cast::<PyAction>().is_err() && item.cast::<PyParseResult>().is_err() {
             return Err(invalid_argument(
                 py,
                 format!(
@@ -112,8 +115,24 @@ fn extract_actions(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Action>> {
                 ),
             ));
         }
+        out.push(item);
     }
     Ok(out)
+}
+
+/// Borrow the actions of checked sources (both classes are frozen, so their contents can be read
+/// with the interpreter released while the objects are kept alive).
+fn action_segments<'a>(sources: &'a [Bound<'_, PyAny>]) -> Vec<&'a [Action]> {
+    sources
+        .iter()
+        .map(|src| match src.cast::<PyAction>() {
+            Ok(a) => std::slice::from_ref(&a.get().inner),
+            Err(_) => src
+                .cast::<PyParseResult>()
+                .map(|pr| pr.get().inner.actions.as_slice())
+                .expect("checked by action_sources"),
+        })
+        .collect()
 }
 
 // =============================================================================================
@@ -860,16 +879,19 @@ fn plan_views(
         ));
     }
     let locks = extract_views(&views)?;
-    let acts: Vec<Vec<Action>> = actions
+    // Under the interpreter only check types and borrow: each view copies its actions into its
+    // plan itself, in parallel, with the interpreter released.
+    let sources: Vec<Vec<Bound<'_, PyAny>>> = actions
         .iter()
-        .map(extract_actions)
+        .map(action_sources)
         .collect::<PyResult<_>>()?;
+    let segments: Vec<Vec<&[Action]>> = sources.iter().map(|s| action_segments(s)).collect();
     let provs: Vec<Provenance> = provenances.into_iter().map(|p| p.inner).collect();
     let results = detach(py, || {
         // Lock each distinct view once (the same view may be planned twice).
         let (order, guards) = read_distinct(&locks);
         let refs: Vec<&StateView> = order.iter().map(|&g| &*guards[g]).collect();
-        overlay::plan_views(&refs, &acts, &provs)
+        overlay::plan_views_segments(&refs, &segments, &provs)
     });
     results
         .into_iter()
@@ -912,6 +934,14 @@ fn lock_slots(keys: &[usize]) -> (Vec<usize>, Vec<usize>) {
     let slots = keys.iter().map(|k| slot_of[k]).collect();
     let order = distinct.into_iter().map(|(_, i)| i).collect();
     (slots, order)
+}
+
+/// Why `commit_views` refused a batch before changing anything.
+enum CommitFail {
+    /// Bad vectors.
+    State(StateError),
+    /// Plan `i` does not belong to its view (or is stale).
+    Plan(usize, StateError),
 }
 
 /// Commit many plans at once; ``vectors`` stacks every plan's rows in order.
@@ -959,10 +989,11 @@ fn commit_views(
             ));
         }
     }
-    // Refuse everything up front (stale plan, bad vector) so that no view is half-committed.
-    state::prepare_vectors(&data, total, dim, "commit_views").map_err(|e| state_err(py, e))?;
     let plan_refs: Vec<&Plan> = plans.iter().map(|p| &p.inner).collect();
     let results = detach(py, || {
+        // Refuse everything up front (stale plan, bad vector) so that no view is half-committed.
+        // Only check here: each view normalises its own rows when it commits (in parallel).
+        state::check_vectors(&data, total, dim, "commit_views").map_err(CommitFail::State)?;
         // Views are distinct (checked above); lock them in address order (see `lock_slots`).
         let keys: Vec<usize> = locks
             .iter()
@@ -977,14 +1008,16 @@ fn commit_views(
             .collect();
         for (i, (g, p)) in guards.iter().zip(&plan_refs).enumerate() {
             if let Err(e) = g.check_plan(p) {
-                return Err((i, e));
+                return Err(CommitFail::Plan(i, e));
             }
         }
         let mut refs: Vec<&mut StateView> = guards.iter_mut().map(|g| &mut **g).collect();
         Ok(overlay::commit_views(&mut refs, &plan_refs, &data))
     });
-    let results =
-        results.map_err(|(i, e)| invalid_argument(py, format!("commit_views: plan {i}: {e}")))?;
+    let results = results.map_err(|f| match f {
+        CommitFail::State(e) => state_err(py, e),
+        CommitFail::Plan(i, e) => invalid_argument(py, format!("commit_views: plan {i}: {e}")),
+    })?;
     results
         .into_iter()
         .map(|r| {
