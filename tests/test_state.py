@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from membuilder import _core as c
-
 from reference.state_ref import normalize_text
 
 DIM = 8

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from membuilder import _core as c
-
 from reference.state_ref import RefAction, RefState, normalize_text
 
 DIM = 32

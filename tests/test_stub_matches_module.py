@@ -11,9 +11,8 @@ import ast
 import inspect
 from pathlib import Path
 
-import pytest
-
 import membuilder
+import pytest
 from membuilder import _core
 
 STUB = Path(membuilder.__file__).with_name("_core.pyi")

@@ -15,7 +15,7 @@ Conventions used throughout:
 
 from collections.abc import Sequence
 from os import PathLike
-from typing import Literal, final
+from typing import Literal, TypeAlias, final
 
 import numpy as np
 import numpy.typing as npt
@@ -29,9 +29,9 @@ BANK_KINDS: tuple[str, str, str]
 STATE_FORMAT_VERSION: int
 """Version written into state files; files of another version are refused."""
 
-Agent = Literal["core", "episodic", "semantic", "procedural"]
-BankKind = Literal["episodic", "semantic", "procedural"]
-UpdateMode = Literal["history", "replace"]
+Agent: TypeAlias = Literal["core", "episodic", "semantic", "procedural"]
+BankKind: TypeAlias = Literal["episodic", "semantic", "procedural"]
+UpdateMode: TypeAlias = Literal["history", "replace"]
 
 # ---------------------------------------------------------------------------------------------
 # Errors
