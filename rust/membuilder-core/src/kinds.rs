@@ -13,7 +13,12 @@ pub enum Agent {
 }
 
 impl Agent {
-    pub const ALL: [Agent; 4] = [Agent::Core, Agent::Episodic, Agent::Semantic, Agent::Procedural];
+    pub const ALL: [Agent; 4] = [
+        Agent::Core,
+        Agent::Episodic,
+        Agent::Semantic,
+        Agent::Procedural,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

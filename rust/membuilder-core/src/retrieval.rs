@@ -68,17 +68,7 @@ impl VectorProblem {
 /// L2-normalise `v` in place. Refuses non-finite values and the zero vector (its direction, and
 /// so every cosine with it, is undefined).
 pub fn normalize(v: &mut [f32]) -> Result<(), VectorProblem> {
-    let mut ss = 0f64;
-    for &x in v.iter() {
-        if !x.is_finite() {
-            return Err(VectorProblem::NonFinite);
-        }
-        ss += (x as f64) * (x as f64);
-    }
-    if ss <= 0.0 || !ss.is_finite() {
-        return Err(VectorProblem::Zero);
-    }
-    let inv = (1.0 / ss.sqrt()) as f32;
+    let inv = (1.0 / checked_norm_sq(v)?.sqrt()) as f32;
     for x in v.iter_mut() {
         *x *= inv;
     }
@@ -87,6 +77,12 @@ pub fn normalize(v: &mut [f32]) -> Result<(), VectorProblem> {
 
 /// Whether [`normalize`] would accept `v`, without changing it (same checks, same answer).
 pub fn check_normalizable(v: &[f32]) -> Result<(), VectorProblem> {
+    checked_norm_sq(v).map(|_| ())
+}
+
+/// The squared L2 norm of `v` (in f64, so long vectors of small values do not underflow), after
+/// the checks both [`normalize`] and [`check_normalizable`] make.
+fn checked_norm_sq(v: &[f32]) -> Result<f64, VectorProblem> {
     let mut ss = 0f64;
     for &x in v.iter() {
         if !x.is_finite() {
@@ -97,7 +93,7 @@ pub fn check_normalizable(v: &[f32]) -> Result<(), VectorProblem> {
     if ss <= 0.0 || !ss.is_finite() {
         return Err(VectorProblem::Zero);
     }
-    Ok(())
+    Ok(ss)
 }
 
 /// `a` ranks before `b`: higher score, or equal score and smaller key.

@@ -24,16 +24,21 @@ pub fn invalid_argument(py: Python<'_>, msg: impl Into<String>) -> PyErr {
 }
 
 /// `StateFileError(MembuilderError, OSError)` carrying `path` and `problem`.
-pub fn state_file_error(py: Python<'_>, path: &str, problem: &str, msg: impl Into<String>) -> PyErr {
-    new_error(py, "StateFileError", (msg.into(),), &[("path", path), ("problem", problem)])
+pub fn state_file_error(
+    py: Python<'_>,
+    path: &str,
+    problem: &str,
+    msg: impl Into<String>,
+) -> PyErr {
+    new_error(
+        py,
+        "StateFileError",
+        (msg.into(),),
+        &[("path", path), ("problem", problem)],
+    )
 }
 
-fn new_error(
-    py: Python<'_>,
-    class_name: &str,
-    args: (String,),
-    attrs: &[(&str, &str)],
-) -> PyErr {
+fn new_error(py: Python<'_>, class_name: &str, args: (String,), attrs: &[(&str, &str)]) -> PyErr {
     let build = || -> PyResult<PyErr> {
         let module = py.import("membuilder._core")?;
         let cls = module.getattr(class_name)?;
