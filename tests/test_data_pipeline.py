@@ -38,7 +38,7 @@ SESSIONS = 3
 
 
 def typed_qa(request: Any) -> str:
-    """H4's default qa-gen reply (question/answer/evidence from the session's turns), made to
+    """MemoryResponder's default qa-gen reply (question/answer/evidence from the session's turns), made to
     follow our prompt: a ``type`` (cycled so every one is exercised), a short answer (its turn's
     first 120 characters) and a question made unique by naming its turn."""
     data = json.loads(MemoryResponder().qa_gen(request, n=3))
