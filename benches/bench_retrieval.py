@@ -4,8 +4,9 @@ Workload: 1,000 queries, top-10 by inner product over one bank of n L2-normalise
 (n = 1k, 10k, 100k; dim = 384, 1,536; random points around n/100 random centres, fixed seed), all
 engines in this process on the same data.
 
-* ``membuilder-exact``: ``MemoryState.search_batch`` below ``exact_search_limit`` (blocked GEMM +
-  per-query top-k selection, re-scored with one canonical kernel).
+* ``membuilder-exact``: ``MemoryState.search_batch`` below ``exact_search_limit`` (a fused AVX2/FMA
+  scan that selects each query's candidates while the scores are still in registers, then
+  re-scores them with one canonical kernel; a portable GEMM + selection on other CPUs).
 * ``membuilder-graph``: the same call with ``exact_search_limit`` below n, so the bank is searched
   through its usearch HNSW graph (over-fetch, exact re-scoring).
 * ``faiss-flat``: ``faiss.IndexFlatIP.search`` (BLAS sgemm + heap selection).

@@ -10,7 +10,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::kinds::BankKind;
-use crate::retrieval::{self, Graph};
+use crate::retrieval::{self, Graph, TileCache};
 use crate::state::Provenance;
 
 /// One entry's data (its vector lives in [`Bank::vectors`] at the same row).
@@ -34,6 +34,8 @@ pub struct Bank {
     pub by_text: HashMap<String, Vec<u32>, BuildHasherDefault<TextHasher>>,
     /// HNSW over a prefix of the rows; shared (read-only) with clones and views.
     pub graph: Option<Arc<Graph>>,
+    /// Tile-major copy of the rows for large exact batches, made on demand; cleared on append.
+    pub tiles: TileCache,
 }
 
 impl Bank {
@@ -47,6 +49,7 @@ impl Bank {
             n_live: 0,
             by_text: HashMap::default(),
             graph: None,
+            tiles: TileCache::default(),
         }
     }
 
@@ -96,6 +99,7 @@ impl Bank {
             provenance,
         });
         self.vectors.extend_from_slice(vector);
+        self.tiles.clear();
         self.live.push(live);
         if live {
             self.n_live += 1;
@@ -198,25 +202,23 @@ impl Bank {
             Some(g) => g.covered..self.rows.len(),
             None => 0..self.rows.len(),
         };
-        let exact =
-            retrieval::exact_candidates(&self.vectors, dim, exact_rows, queries, nq, cap, &accept);
+        let exact = retrieval::exact_candidates(
+            &self.vectors,
+            Some(&self.tiles),
+            dim,
+            exact_rows,
+            queries,
+            nq,
+            k,
+            &accept,
+        );
         let id_of = |row: usize| self.rows[row].id;
         let Some(g) = graph else {
-            return exact
-                .iter()
-                .enumerate()
-                .map(|(q, cands)| {
-                    let rows = cands.iter().map(|&(_, r)| r as usize);
-                    retrieval::rescore(
-                        &self.vectors,
-                        dim,
-                        &id_of,
-                        &queries[q * dim..(q + 1) * dim],
-                        rows,
-                        k,
-                    )
-                })
-                .collect();
+            return crate::par::map_indices(nq, |q| {
+                let rows = exact[q].iter().map(|&(_, r)| r as usize);
+                let qv = &queries[q * dim..(q + 1) * dim];
+                retrieval::rescore(&self.vectors, dim, &id_of, qv, rows, k)
+            });
         };
         // Graph path, per query; retired rows of the bank are in the graph too, so over-fetch by
         // their number plus the caller's exclusions.
@@ -238,11 +240,12 @@ impl Bank {
                 // the prefix exactly instead.
                 rows = retrieval::exact_candidates(
                     &self.vectors,
+                    None,
                     dim,
                     0..g.covered,
                     qv,
                     1,
-                    cap,
+                    k,
                     &|_, r| accept(q, r),
                 )
                 .pop()

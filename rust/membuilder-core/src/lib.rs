@@ -8,11 +8,14 @@
 //! - [`retrieval`]: exact and graph top-k search, single and batched.
 //! - [`reward`]: format gate, length penalties, reward aggregation, attribution.
 //! - [`persist`]: versioned, checksummed, atomically written state files.
+//! - [`fused_scan`]: the x86-64 AVX2/FMA kernel behind exact search (score and select in one pass).
 //! - [`bank`]: one bank's entries, contiguous vectors and graph (used by `state`).
 //! - [`par`]: fork-safe use of rayon's global pool.
 
 pub mod actions;
 pub mod bank;
+#[cfg(target_arch = "x86_64")]
+pub mod fused_scan;
 pub mod kinds;
 pub mod overlay;
 pub mod par;

@@ -3,17 +3,37 @@
 //! Scores are inner products of L2-normalised vectors, i.e. cosine similarities. The order of hits
 //! is always: score descending, then id ascending. To make that order independent of the path a
 //! search took (single query, batch, exact, graph, base or overlay), every candidate is re-scored
-//! with one canonical kernel, [`dot`], before the final selection: the GEMM and usearch scores are
-//! only used to choose candidates (with a margin of extra candidates), never reported.
+//! with one canonical kernel, [`dot`], before the final selection: the scan-kernel and usearch
+//! scores are only used to choose candidates, never reported. Exact search keeps every row whose
+//! kernel score is within a proven rounding bound of the k-th best ([`kernel_margin`]), so its
+//! candidates always contain the canonical top k, ties included.
 //!
 //! The state-level searches (banks, views, batches) are in [`crate::state`] and
 //! [`crate::overlay`]; this module holds what they share.
 
 use std::ops::Range;
 
-/// Extra candidates kept by the approximate (GEMM / graph) phase before exact re-scoring, so that
-/// rounding differences between kernels cannot change which entries make the top k.
+/// Extra candidates fetched from the graph index before exact re-scoring (graph search is
+/// approximate; the margin buys recall, not exactness).
 pub const RESCORE_MARGIN: usize = 16;
+
+/// How far below the k-th best kernel score a row's kernel score can be while its canonical
+/// ([`dot`]) score still ties or beats the k-th best canonical score.
+///
+/// For unit vectors, any order of summing `dim` f32 products (with or without FMA) is within
+/// `gamma(dim) = dim u / (1 - dim u)` of the exact inner product (u = 2^-24; Higham, Accuracy and
+/// Stability of Numerical Algorithms, eq. 3.5, with sum |q_i x_i| <= |q| |x| = 1). Two kernels
+/// then differ by at most `D = 2 gamma`, and a row of the canonical top k has a kernel score of at
+/// least `t - 2D`, where `t` is the k-th best kernel score: the margin is `4 gamma`. One extra
+/// term covers the normalisation's own rounding (|x| = 1 within a few u), and the result is
+/// rounded up generously; it is still about 1e-4 at 1,536 dimensions, far below the gap between
+/// neighbouring scores in any real bank, so it costs almost no extra candidates.
+pub fn kernel_margin(dim: usize) -> f32 {
+    let n = (dim + 2) as f64;
+    let u = f64::from(f32::EPSILON) / 2.0;
+    let gamma = n * u / (1.0 - n * u);
+    (4.0 * gamma * 1.25) as f32
+}
 
 /// Rows per GEMM block: the score block of `QUERY_BLOCK x ROW_BLOCK` floats stays in L2.
 const ROW_BLOCK: usize = 2048;
@@ -21,9 +41,28 @@ const ROW_BLOCK: usize = 2048;
 const QUERY_BLOCK: usize = 128;
 
 /// The canonical inner product. Sixteen independent accumulators let the compiler vectorise the
-/// loop while keeping the summation order fixed (so a score never depends on the caller).
+/// loop while keeping the summation order fixed (so a score never depends on the caller). Where
+/// the CPU has AVX2 the same code runs on 8-lane registers: every lane does the same multiplies
+/// and adds in the same order (Rust never fuses them into FMAs on its own), so the result is
+/// bit-identical to the portable build.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; 16];
     let ca = a.chunks_exact(16);
@@ -150,66 +189,387 @@ impl TopK {
     }
 }
 
+/// Candidates of one exact search: the best `k` (by kernel score, ties by key) and every other
+/// candidate whose score is within `margin` of the `k`-th best (see [`kernel_margin`]).
+///
+/// Candidates are appended unsorted and the list is cut back (one selection, not a sort) every
+/// few appends, which is when the admission [`NearTop::threshold`] rises: cheap per candidate,
+/// with a threshold that lags the exact `k`-th score by at most a few candidates.
+#[derive(Clone, Debug)]
+pub struct NearTop {
+    k: usize,
+    margin: f32,
+    items: Vec<(f32, u64)>,
+    threshold: f32,
+    next_cut: usize,
+}
+
+impl NearTop {
+    pub fn new(k: usize, margin: f32) -> Self {
+        NearTop {
+            k,
+            margin,
+            items: Vec::new(),
+            threshold: if k == 0 {
+                f32::INFINITY
+            } else {
+                f32::NEG_INFINITY
+            },
+            next_cut: k.max(1) + 4,
+        }
+    }
+
+    /// Lowest kernel score still worth offering (offer a score `>=` it).
+    #[inline]
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    /// Add a candidate whose score is `>=` [`NearTop::threshold`]; returns the new threshold.
+    #[inline]
+    pub fn push(&mut self, score: f32, key: u64) -> f32 {
+        self.items.push((score, key));
+        if self.items.len() >= self.next_cut {
+            self.cut();
+        }
+        self.threshold
+    }
+
+    fn cut(&mut self) {
+        if self.k == 0 || self.items.len() <= self.k {
+            return;
+        }
+        self.items
+            .select_nth_unstable_by(self.k - 1, |a, b| rank_order(*a, *b));
+        let t = self.items[self.k - 1].0 - self.margin;
+        self.items.retain(|x| x.0 >= t);
+        self.threshold = t;
+        // Cut again after four more, or, when many rows tie within the margin (duplicated texts),
+        // after as many more as there are ties, so that cutting stays linear overall.
+        self.next_cut = self.items.len() + (self.items.len().saturating_sub(self.k)).max(4);
+    }
+
+    /// The candidates, best first.
+    pub fn into_vec(mut self) -> Vec<(f32, u64)> {
+        self.cut();
+        self.items.sort_unstable_by(|a, b| rank_order(*a, *b));
+        self.items
+    }
+}
+
+/// [`ranks_before`] as an ordering (better first).
+#[inline]
+fn rank_order(a: (f32, u64), b: (f32, u64)) -> std::cmp::Ordering {
+    if ranks_before(a, b) {
+        std::cmp::Ordering::Less
+    } else if ranks_before(b, a) {
+        std::cmp::Ordering::Greater
+    } else {
+        std::cmp::Ordering::Equal
+    }
+}
+
 /// Merge best-first lists into the best `k`.
 pub fn merge_topk(lists: impl IntoIterator<Item = Vec<(f32, u64)>>, k: usize) -> Vec<(f32, u64)> {
     let mut all: Vec<(f32, u64)> = lists.into_iter().flatten().collect();
-    all.sort_by(|a, b| {
-        if ranks_before(*a, *b) {
-            std::cmp::Ordering::Less
-        } else if ranks_before(*b, *a) {
-            std::cmp::Ordering::Greater
-        } else {
-            std::cmp::Ordering::Equal
-        }
-    });
+    all.sort_by(|a, b| rank_order(*a, *b));
     all.truncate(k);
     all
 }
 
+/// A bank's tile-major copy of its rows for the fused exact scan (see
+/// [`crate::fused_scan::pack_rows`]), made by the first batch search large enough to use it and
+/// kept until the bank changes; views and batches over one base share it, so rows are copied
+/// once per bank version instead of once per batch. Copies above [`TILE_CACHE_MAX_BYTES`] are
+/// not kept (such batches copy a segment at a time). A clone of a bank starts without one.
+#[derive(Default)]
+pub struct TileCache(std::sync::Mutex<Option<(usize, std::sync::Arc<Vec<f32>>)>>);
+
+/// Largest tile-major copy a bank keeps.
+pub const TILE_CACHE_MAX_BYTES: usize = 256 << 20;
+
+impl Clone for TileCache {
+    fn clone(&self) -> Self {
+        TileCache::default()
+    }
+}
+
+impl std::fmt::Debug for TileCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rows = self.lock().as_ref().map(|(n, _)| *n);
+        write!(f, "TileCache {{ rows: {rows:?} }}")
+    }
+}
+
+impl TileCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(usize, std::sync::Arc<Vec<f32>>)>> {
+        // A panic while packing leaves at worst no copy; what the lock guards is still sound.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forget the copy (the bank's rows changed).
+    pub fn clear(&mut self) {
+        *self.0.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether a copy is held (for tests).
+    pub fn is_filled(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// The copy of rows `0..rows.end` of `matrix`, made now if needed, when a fused scan of `nq`
+    /// queries over `rows` should use one; `None` when it should not.
+    #[cfg(target_arch = "x86_64")]
+    fn tiles_for(
+        &self,
+        matrix: &[f32],
+        dim: usize,
+        rows: &Range<usize>,
+        nq: usize,
+    ) -> Option<std::sync::Arc<Vec<f32>>> {
+        use crate::fused_scan::TILE;
+        let bytes = rows.end.div_ceil(TILE) * TILE * dim * 4;
+        if nq < PACK_MIN_QUERIES || rows.start != 0 || bytes > TILE_CACHE_MAX_BYTES {
+            return None;
+        }
+        let mut slot = self.lock();
+        if let Some((n, tiles)) = slot.as_ref() {
+            if *n == rows.end {
+                return Some(tiles.clone());
+            }
+        }
+        let tiles = std::sync::Arc::new(crate::fused_scan::pack_rows(matrix, dim, 0..rows.end));
+        *slot = Some((rows.end, tiles.clone()));
+        Some(tiles)
+    }
+}
+
 /// Exact candidate selection over rows `rows` of a row-major matrix (`dim` columns) for `nq`
-/// queries (row-major, normalised), keeping per query the best `cap` rows (by GEMM score, ties by
-/// row) for which `accept(query, row)` holds. Returns per query `(approximate score, row)`,
-/// best first; callers re-score with [`dot`].
+/// queries (row-major, normalised): per query, among the rows for which `accept(query, row)`
+/// holds, the best `k` by kernel score and every row within [`kernel_margin`] of the `k`-th, as
+/// `(kernel score, row)` best first. Re-scoring these with [`dot`] and keeping `k` gives exactly
+/// the canonical top `k`. `cache`, the matrix owner's [`TileCache`], lets large batches reuse
+/// one tile-major copy of the rows.
 ///
 /// The work is split into (query block x row range) tasks run on rayon when [`crate::par`]
 /// allows, so one query over a large bank and many queries over a small one both use all cores.
+/// Each task runs the fused AVX2/FMA scan ([`crate::fused_scan`]) where the CPU has it, else a
+/// portable blocked GEMM followed by a selection pass.
+#[allow(clippy::too_many_arguments)]
 pub fn exact_candidates<F>(
     matrix: &[f32],
+    cache: Option<&TileCache>,
     dim: usize,
     rows: Range<usize>,
     queries: &[f32],
     nq: usize,
-    cap: usize,
+    k: usize,
     accept: &F,
 ) -> Vec<Vec<(f32, u64)>>
 where
     F: Fn(usize, usize) -> bool + Sync,
 {
-    let n_rows = rows.end.saturating_sub(rows.start);
-    if nq == 0 || cap == 0 || n_rows == 0 || dim == 0 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::fused_scan::available() {
+        let tiles = cache.and_then(|c| c.tiles_for(matrix, dim, &rows, nq));
+        let tiles = tiles.as_ref().map(|t| t.as_slice());
+        return fused(
+            matrix,
+            tiles,
+            dim,
+            rows,
+            queries,
+            nq,
+            k,
+            accept,
+            PACK_SEGMENT_BYTES,
+        );
+    }
+    let _ = cache;
+    exact_candidates_gemm(matrix, dim, rows, queries, nq, k, accept)
+}
+
+/// [`exact_candidates`] through [`crate::fused_scan`]: over `tiles` (a tile-major copy of rows
+/// `0..rows.end`) when given; else over the matrix itself for small batches (or when
+/// `segment_bytes` is 0); else over tile-major copies of at most `segment_bytes` made here, one
+/// segment at a time.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn fused<F>(
+    matrix: &[f32],
+    tiles: Option<&[f32]>,
+    dim: usize,
+    rows: Range<usize>,
+    queries: &[f32],
+    nq: usize,
+    k: usize,
+    accept: &F,
+    segment_bytes: usize,
+) -> Vec<Vec<(f32, u64)>>
+where
+    F: Fn(usize, usize) -> bool + Sync,
+{
+    if nq == 0 || k == 0 || rows.start >= rows.end || dim == 0 {
         return vec![Vec::new(); nq];
     }
     debug_assert!(matrix.len() >= rows.end * dim);
     debug_assert_eq!(queries.len(), nq * dim);
-    let q_blocks = nq.div_ceil(QUERY_BLOCK);
-    let threads = crate::par::threads();
-    // Split rows so that there are about two tasks per thread, but never below one row block.
-    let max_splits = n_rows.div_ceil(ROW_BLOCK);
-    let splits = (2 * threads).div_ceil(q_blocks).clamp(1, max_splits.max(1));
-    let split_len = n_rows.div_ceil(splits);
-    let tasks = q_blocks * splits;
-    let partial: Vec<Vec<TopK>> = crate::par::map_indices(tasks, |t| {
-        let (qb, sp) = (t / splits, t % splits);
-        let q0 = qb * QUERY_BLOCK;
-        let q1 = (q0 + QUERY_BLOCK).min(nq);
-        let r0 = rows.start + sp * split_len;
-        let r1 = (r0 + split_len).min(rows.end);
-        let mut tops: Vec<TopK> = (q0..q1).map(|_| TopK::new(cap)).collect();
-        if r0 >= r1 {
-            return tops;
+    with_query_panels(queries, nq, dim, |packed| {
+        fused_panels(
+            matrix,
+            tiles,
+            dim,
+            rows,
+            packed,
+            nq,
+            k,
+            accept,
+            segment_bytes,
+        )
+    })
+}
+
+thread_local! {
+    /// Query panels of the last fused search on this thread, kept for the next one: a fresh
+    /// allocation of a batch's panels costs more in page faults than packing them does.
+    #[cfg(target_arch = "x86_64")]
+    static QUERY_PANELS: std::cell::RefCell<Vec<crate::fused_scan::Line>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Panel buffers above this size are not kept between searches.
+#[cfg(target_arch = "x86_64")]
+const QUERY_PANELS_KEEP_BYTES: usize = 64 << 20;
+
+/// Run `body` on `queries` packed into panels, in this thread's reusable buffer when it is free
+/// (a search started from inside another one's task finds it taken and packs into its own).
+#[cfg(target_arch = "x86_64")]
+fn with_query_panels<T>(
+    queries: &[f32],
+    nq: usize,
+    dim: usize,
+    body: impl FnOnce(&[crate::fused_scan::Line]) -> T,
+) -> T {
+    use crate::fused_scan::{pack_into, Line};
+    QUERY_PANELS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            pack_into(queries, nq, dim, &mut buf);
+            let out = body(&buf);
+            if buf.capacity() * std::mem::size_of::<Line>() > QUERY_PANELS_KEEP_BYTES {
+                *buf = Vec::new();
+            }
+            out
         }
+        Err(_) => {
+            let mut own = Vec::new();
+            pack_into(queries, nq, dim, &mut own);
+            body(&own)
+        }
+    })
+}
+
+/// [`fused`] with the queries already packed.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn fused_panels<F>(
+    matrix: &[f32],
+    tiles: Option<&[f32]>,
+    dim: usize,
+    rows: Range<usize>,
+    packed: &[crate::fused_scan::Line],
+    nq: usize,
+    k: usize,
+    accept: &F,
+    segment_bytes: usize,
+) -> Vec<Vec<(f32, u64)>>
+where
+    F: Fn(usize, usize) -> bool + Sync,
+{
+    use crate::fused_scan::{self, Rows, PANEL, TILE};
+    let scan = |source: Rows<'_>, rows: Range<usize>| {
+        in_tasks(nq, rows, dim, FUSED_QUERY_BLOCK, k, |q0, q1, r, found| {
+            let panels = q0 / PANEL..q1.div_ceil(PANEL);
+            // SAFETY: `available()` was checked; `source` covers `rows` (task ranges start on a
+            // tile boundary of it) and `packed` every panel of the `nq` queries; `found` has one
+            // list per query q0..q1, and q0 is a multiple of PANEL and q1 either one too or nq.
+            unsafe { fused_scan::scan(source, dim, r, packed, panels, nq, found, accept) }
+        })
+    };
+    if let Some(tiles) = tiles {
+        return scan(Rows::Tiles { tiles, first: 0 }, rows);
+    }
+    if nq < PACK_MIN_QUERIES || segment_bytes == 0 {
+        return scan(Rows::Matrix(matrix), rows);
+    }
+    // Enough queries to repay a tile-major copy of the rows, and no cached one: copy a segment
+    // at a time so that the copy stays small whatever the bank's size.
+    let seg_rows = (segment_bytes / (4 * dim * TILE)).max(1) * TILE;
+    let margin = kernel_margin(dim);
+    let mut lists: Vec<NearTop> = (0..nq).map(|_| NearTop::new(k, margin)).collect();
+    let mut s0 = rows.start;
+    while s0 < rows.end {
+        let s1 = (s0 + seg_rows).min(rows.end);
+        let tiles = fused_scan::pack_rows(matrix, dim, s0..s1);
+        let first = s0;
+        let found = scan(
+            Rows::Tiles {
+                tiles: &tiles,
+                first,
+            },
+            s0..s1,
+        );
+        if s0 == rows.start && s1 == rows.end {
+            return found;
+        }
+        for (list, cands) in lists.iter_mut().zip(found) {
+            for (s, row) in cands {
+                if s >= list.threshold() {
+                    list.push(s, row);
+                }
+            }
+        }
+        s0 = s1;
+    }
+    lists.into_iter().map(NearTop::into_vec).collect()
+}
+
+/// Batches smaller than this scan the bank's matrix directly; larger ones first copy the rows
+/// tile-major (one extra pass over the rows, repaid by the faster kernel over many queries).
+#[cfg(target_arch = "x86_64")]
+const PACK_MIN_QUERIES: usize = 64;
+
+/// Largest tile-major copy made at once.
+#[cfg(target_arch = "x86_64")]
+const PACK_SEGMENT_BYTES: usize = 16 << 20;
+
+/// Queries per fused task (a multiple of the panel width): each chunk of rows brought into L2
+/// is used by this many queries before the next one is read.
+#[cfg(target_arch = "x86_64")]
+const FUSED_QUERY_BLOCK: usize = 128;
+
+/// [`exact_candidates`] through a portable GEMM (matrixmultiply) and a selection pass.
+fn exact_candidates_gemm<F>(
+    matrix: &[f32],
+    dim: usize,
+    rows: Range<usize>,
+    queries: &[f32],
+    nq: usize,
+    k: usize,
+    accept: &F,
+) -> Vec<Vec<(f32, u64)>>
+where
+    F: Fn(usize, usize) -> bool + Sync,
+{
+    if nq == 0 || k == 0 || rows.start >= rows.end || dim == 0 {
+        return vec![Vec::new(); nq];
+    }
+    debug_assert!(matrix.len() >= rows.end * dim);
+    debug_assert_eq!(queries.len(), nq * dim);
+    in_tasks(nq, rows, dim, QUERY_BLOCK, k, |q0, q1, r, found| {
+        let (r0, r1) = (r.start, r.end);
         let m = q1 - q0;
         let mut scores = vec![0f32; m * ROW_BLOCK.min(r1 - r0)];
+        let mut thresholds: Vec<f32> = found.iter().map(NearTop::threshold).collect();
         let mut c0 = r0;
         while c0 < r1 {
             let c1 = (c0 + ROW_BLOCK).min(r1);
@@ -235,31 +595,87 @@ where
                     1,
                 );
             }
-            for (qi, top) in tops.iter_mut().enumerate() {
+            for (qi, (list, t)) in found.iter_mut().zip(thresholds.iter_mut()).enumerate() {
                 let row_scores = &scores[qi * n..(qi + 1) * n];
-                let q = q0 + qi;
                 for (j, &s) in row_scores.iter().enumerate() {
-                    let row = c0 + j;
-                    if top.admits(s, row as u64) && accept(q, row) {
-                        top.push(s, row as u64);
+                    if s >= *t && accept(q0 + qi, c0 + j) {
+                        *t = list.push(s, (c0 + j) as u64);
                     }
                 }
             }
             c0 = c1;
         }
-        tops
+    })
+}
+
+/// Row splits of [`in_tasks`] are multiples of this (the fused scan's tile height).
+const SPLIT_ALIGN: usize = 6;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(SPLIT_ALIGN % crate::fused_scan::TILE == 0);
+
+/// Split `nq` queries x `rows` into (query block x row range) tasks, run `task(q0, q1, rows,
+/// lists)` for each (in parallel when allowed; `lists` has one empty [`NearTop`] per query
+/// q0..q1) and merge each query's lists by the same rule.
+fn in_tasks<T>(
+    nq: usize,
+    rows: Range<usize>,
+    dim: usize,
+    q_block: usize,
+    k: usize,
+    task: T,
+) -> Vec<Vec<(f32, u64)>>
+where
+    T: Fn(usize, usize, Range<usize>, &mut [NearTop]) + Sync + Send,
+{
+    let margin = kernel_margin(dim);
+    let n_rows = rows.end - rows.start;
+    let q_blocks = nq.div_ceil(q_block);
+    let threads = crate::par::threads();
+    // Split rows so that there are about two tasks per thread, but never below one row block.
+    let max_splits = n_rows.div_ceil(ROW_BLOCK);
+    let splits = (2 * threads).div_ceil(q_blocks).clamp(1, max_splits.max(1));
+    // Whole tiles per split, so that a scan over a tile-major copy starts on a tile.
+    let split_len = n_rows.div_ceil(splits).div_ceil(SPLIT_ALIGN) * SPLIT_ALIGN;
+    let partial: Vec<Vec<NearTop>> = crate::par::map_indices(q_blocks * splits, |t| {
+        let (qb, sp) = (t / splits, t % splits);
+        let q0 = qb * q_block;
+        let q1 = (q0 + q_block).min(nq);
+        let r0 = rows.start + sp * split_len;
+        let r1 = (r0 + split_len).min(rows.end);
+        let mut found: Vec<NearTop> = (q0..q1).map(|_| NearTop::new(k, margin)).collect();
+        if r0 < r1 {
+            task(q0, q1, r0..r1, &mut found);
+        }
+        found
     });
-    // Gather: per query, merge its `splits` partial lists.
-    let mut out: Vec<Vec<Vec<(f32, u64)>>> = (0..nq).map(|_| Vec::with_capacity(splits)).collect();
-    for (t, tops) in partial.into_iter().enumerate() {
-        let q0 = (t / splits) * QUERY_BLOCK;
-        for (qi, top) in tops.into_iter().enumerate() {
-            out[q0 + qi].push(top.into_vec());
+    // Gather per query its `splits` partial lists, then merge them in parallel (a thousand small
+    // selections and sorts are a visible share of a batch).
+    let mut slots: Vec<(Vec<NearTop>, Vec<(f32, u64)>)> = (0..nq)
+        .map(|_| (Vec::with_capacity(splits), Vec::new()))
+        .collect();
+    for (t, found) in partial.into_iter().enumerate() {
+        let q0 = (t / splits) * q_block;
+        for (qi, list) in found.into_iter().enumerate() {
+            slots[q0 + qi].0.push(list);
         }
     }
-    out.into_iter()
-        .map(|lists| merge_topk(lists, cap))
-        .collect()
+    crate::par::for_each_mut(&mut slots, |_, (lists, out)| {
+        let mut lists = std::mem::take(lists);
+        if lists.len() == 1 {
+            *out = lists.pop().expect("one list").into_vec();
+            return;
+        }
+        let mut merged = NearTop::new(k, margin);
+        for list in lists {
+            for (s, row) in list.into_vec() {
+                if s >= merged.threshold() {
+                    merged.push(s, row);
+                }
+            }
+        }
+        *out = merged.into_vec();
+    });
+    slots.into_iter().map(|(_, out)| out).collect()
 }
 
 /// Re-score candidate rows with [`dot`] and map rows to `(score, id)` best-first, keeping `k`.
@@ -271,12 +687,34 @@ pub fn rescore(
     rows: impl IntoIterator<Item = usize>,
     k: usize,
 ) -> Vec<(f32, u64)> {
+    let rows: Vec<usize> = rows.into_iter().collect();
+    // Candidate rows lie anywhere in the bank, mostly outside the caches: ask for all of them
+    // first so their lines arrive in parallel instead of one miss after another.
+    for &row in &rows {
+        prefetch(&matrix[row * dim..(row + 1) * dim]);
+    }
     let mut top = TopK::new(k);
     for row in rows {
         let s = dot(query, &matrix[row * dim..(row + 1) * dim]);
         top.push(s, id_of(row));
     }
     top.into_vec()
+}
+
+/// Hint that `data` will be read soon (x86-64; a no-op elsewhere).
+#[inline]
+fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        // SAFETY: a prefetch is only a hint and never faults; the address is inside `data`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr() as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -424,31 +862,197 @@ mod tests {
         assert_eq!(t.into_vec(), vec![(0.9, 4), (0.5, 1), (0.5, 2)]);
     }
 
+    /// Every exact path (the dispatching entry point, and each kernel directly) against brute
+    /// force with the canonical kernel, over shapes that leave partial panels, tiles, chunks and
+    /// query blocks, and over banks full of exact and near ties (duplicated rows, rows that differ
+    /// in the last bits): re-scoring the candidates must give exactly the canonical top k.
     #[test]
-    fn exact_candidates_match_brute_force() {
-        let dim = 24;
-        let rows = 5000;
+    fn exact_candidates_contain_the_canonical_top_k() {
         let mut seed = 7u64;
-        let mut rnd = || {
+        let mut rnd = move || {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
-        let matrix: Vec<f32> = (0..rows * dim).map(|_| rnd()).collect();
-        let nq = 130;
-        let queries: Vec<f32> = (0..nq * dim).map(|_| rnd()).collect();
-        let got = exact_candidates(&matrix, dim, 10..rows, &queries, nq, 5, &|_, r| r % 3 != 0);
-        for q in 0..nq {
-            let qv = &queries[q * dim..(q + 1) * dim];
-            let mut all: Vec<(f32, u64)> = (10..rows)
-                .filter(|r| r % 3 != 0)
-                .map(|r| (dot(qv, &matrix[r * dim..(r + 1) * dim]), r as u64))
+        for (dim, rows, nq, k, distinct) in [
+            (24, 5000, 130, 5, 5000),
+            (1, 50, 3, 4, 50),
+            (5, 7, 17, 10, 7),
+            (384, 1301, 33, 26, 1301),
+            (1536, 200, 20, 3, 200),
+            // Only 40 distinct directions: every query sees dozens of exact ties.
+            (64, 3000, 40, 10, 40),
+            (64, 3000, 100, 10, 40),
+            (384, 2000, 70, 10, 2000),
+            // A dimension that is no multiple of the kernel's unrolling.
+            (1000, 300, 70, 5, 300),
+        ] {
+            let mut matrix: Vec<f32> = Vec::with_capacity(rows * dim);
+            let protos: Vec<Vec<f32>> = (0..distinct)
+                .map(|_| {
+                    let mut v: Vec<f32> = (0..dim).map(|_| rnd()).collect();
+                    normalize(&mut v).unwrap();
+                    v
+                })
                 .collect();
-            all = merge_topk(vec![all], 5);
-            let got_rows: Vec<u64> = got[q].iter().map(|x| x.1).collect();
-            let want_rows: Vec<u64> = all.iter().map(|x| x.1).collect();
-            assert_eq!(got_rows, want_rows);
+            for r in 0..rows {
+                let mut v = protos[r % distinct].clone();
+                if r % 7 == 3 {
+                    // A near tie: the same direction, one value nudged by one ulp.
+                    v[r % dim] = f32::from_bits(v[r % dim].to_bits() + 1);
+                }
+                matrix.extend(v);
+            }
+            let queries: Vec<f32> = (0..nq)
+                .flat_map(|_| {
+                    let mut v: Vec<f32> = (0..dim).map(|_| rnd()).collect();
+                    normalize(&mut v).unwrap();
+                    v
+                })
+                .collect();
+            let accept = |_: usize, r: usize| r >= 2 && r % 3 != 0;
+            let range = 2..rows;
+            let cache = TileCache::default();
+            let mut runs = vec![
+                exact_candidates(&matrix, None, dim, range.clone(), &queries, nq, k, &accept),
+                // Twice through one cache (filled by the first call when the batch is large).
+                exact_candidates(
+                    &matrix,
+                    Some(&cache),
+                    dim,
+                    0..rows,
+                    &queries,
+                    nq,
+                    k,
+                    &accept,
+                ),
+                exact_candidates(
+                    &matrix,
+                    Some(&cache),
+                    dim,
+                    0..rows,
+                    &queries,
+                    nq,
+                    k,
+                    &accept,
+                ),
+                exact_candidates_gemm(&matrix, dim, range.clone(), &queries, nq, k, &accept),
+            ];
+            #[cfg(target_arch = "x86_64")]
+            if crate::fused_scan::available() {
+                // The matrix directly, whatever the batch size.
+                let direct = fused(
+                    &matrix,
+                    None,
+                    dim,
+                    range.clone(),
+                    &queries,
+                    nq,
+                    k,
+                    &accept,
+                    0,
+                );
+                runs.push(direct);
+                // Tile-major copies a few tiles at a time: several segments per scan.
+                let seg = 4 * 6 * 7 * dim;
+                runs.push(fused(
+                    &matrix,
+                    None,
+                    dim,
+                    range.clone(),
+                    &queries,
+                    nq,
+                    k,
+                    &accept,
+                    seg,
+                ));
+            }
+            let id_of = |r: usize| r as u64;
+            for q in 0..nq {
+                let qv = &queries[q * dim..(q + 1) * dim];
+                let want = rescore(
+                    &matrix,
+                    dim,
+                    &id_of,
+                    qv,
+                    range.clone().filter(|&r| accept(q, r)),
+                    k,
+                );
+                for got in &runs {
+                    assert!(got[q].len() >= want.len());
+                    assert!(got[q].windows(2).all(|w| !ranks_before(w[1], w[0])));
+                    let cands = got[q].iter().map(|&(_, r)| r as usize);
+                    let top = rescore(&matrix, dim, &id_of, qv, cands, k);
+                    assert_eq!(top, want, "dim {dim} rows {rows} query {q}");
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            assert_eq!(
+                cache.is_filled(),
+                crate::fused_scan::available() && nq >= PACK_MIN_QUERIES
+            );
         }
+    }
+
+    #[test]
+    fn kernel_margin_bounds_real_rounding() {
+        // The margin must exceed twice the largest difference seen between two summation orders.
+        let mut seed = 11u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for dim in [8usize, 384, 1536, 4096] {
+            let mut worst = 0f32;
+            for _ in 0..200 {
+                let mut a: Vec<f32> = (0..dim).map(|_| rnd()).collect();
+                let mut b: Vec<f32> = (0..dim).map(|_| rnd()).collect();
+                normalize(&mut a).unwrap();
+                normalize(&mut b).unwrap();
+                let seq: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+                worst = worst.max((dot(&a, &b) - seq).abs());
+            }
+            assert!(worst * 2.0 < kernel_margin(dim), "dim {dim}: {worst}");
+            // Small enough to cost no candidates at embedding sizes.
+            assert!(dim > 1536 || kernel_margin(dim) < 1e-3);
+        }
+    }
+
+    #[test]
+    fn near_top_keeps_the_best_k_and_everything_within_the_margin() {
+        let mut n = NearTop::new(2, 0.1);
+        for (i, s) in [0.5f32, 0.9, 0.1, 0.85, 0.82, 0.3, 0.79, 0.95, 0.2, 0.0]
+            .iter()
+            .enumerate()
+        {
+            if *s >= n.threshold() {
+                n.push(*s, i as u64);
+            }
+        }
+        // Best two are 0.95 and 0.9; everything >= 0.8 stays.
+        let keys: Vec<u64> = n.into_vec().into_iter().map(|x| x.1).collect();
+        assert_eq!(keys, vec![7, 1, 3, 4]);
+        assert!(NearTop::new(0, 0.1).into_vec().is_empty());
+        assert_eq!(NearTop::new(0, 0.1).threshold(), f32::INFINITY);
+    }
+
+    #[test]
+    fn exact_candidates_handle_empty_inputs() {
+        let m = vec![1f32; 40];
+        let q = vec![1f32; 8];
+        assert_eq!(
+            exact_candidates(&m, None, 4, 0..10, &q, 2, 0, &|_, _| true),
+            vec![vec![]; 2]
+        );
+        assert_eq!(
+            exact_candidates(&m, None, 4, 5..5, &q, 2, 3, &|_, _| true),
+            vec![vec![]; 2]
+        );
+        assert!(exact_candidates(&m, None, 4, 0..10, &[], 0, 3, &|_, _| true).is_empty());
+        let none = exact_candidates(&m, None, 4, 0..10, &q, 2, 3, &|_, _| false);
+        assert_eq!(none, vec![vec![]; 2]);
     }
 }

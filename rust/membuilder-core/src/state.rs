@@ -403,7 +403,7 @@ impl<'a> Layers<'a> {
 }
 
 /// Batched top-k where query `i` (row `i` of `queries`, normalised) runs against `items[i].0`.
-/// Queries over the same base share its GEMM pass; each view's own retirements are filtered per
+/// Queries over the same base share one exact scan of it; each view's own retirements are filtered per
 /// query and its delta is searched by brute force. Hits are ordered by score desc, id asc.
 pub fn search_layers(
     items: &[(Layers<'_>, usize)],
@@ -431,11 +431,20 @@ pub fn search_layers(
     let mut per_item: Vec<Vec<Vec<(f32, u64, BankKind)>>> = vec![Vec::new(); n];
     for (_, members) in groups.iter() {
         let base = items[members[0]].0.base;
-        let mut qbuf = Vec::with_capacity(members.len() * dim);
-        for &i in members {
-            let q = items[i].1;
-            qbuf.extend_from_slice(&queries[q * dim..(q + 1) * dim]);
-        }
+        // The group's queries, in member order: the caller's own rows when they already are
+        // (one store searched with all its queries: no copy of a large batch to page in).
+        let in_order = members.len() * dim == queries.len()
+            && members.iter().enumerate().all(|(j, &i)| items[i].1 == j);
+        let qbuf: std::borrow::Cow<'_, [f32]> = if in_order {
+            std::borrow::Cow::Borrowed(queries)
+        } else {
+            let mut buf = Vec::with_capacity(members.len() * dim);
+            for &i in members {
+                let q = items[i].1;
+                buf.extend_from_slice(&queries[q * dim..(q + 1) * dim]);
+            }
+            std::borrow::Cow::Owned(buf)
+        };
         for &bk in &kinds {
             let bi = bk as usize;
             let bank = &base.banks[bi];
