@@ -403,8 +403,9 @@ impl<'a> Layers<'a> {
 }
 
 /// Batched top-k where query `i` (row `i` of `queries`, normalised) runs against `items[i].0`.
-/// Queries over the same base share one exact scan of it; each view's own retirements are filtered per
-/// query and its delta is searched by brute force. Hits are ordered by score desc, id asc.
+/// Queries over the same base share one exact scan of it; each view's own retirements are
+/// filtered per query and its delta is searched by brute force. Hits are ordered by score desc,
+/// id asc.
 pub fn search_layers(
     items: &[(Layers<'_>, usize)],
     queries: &[f32],
