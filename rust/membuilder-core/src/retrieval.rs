@@ -235,6 +235,15 @@ impl NearTop {
         self.threshold
     }
 
+    /// Add every candidate of `cands` at or above the threshold (another list's survivors).
+    pub fn offer_all(&mut self, cands: impl IntoIterator<Item = (f32, u64)>) {
+        for (score, key) in cands {
+            if score >= self.threshold {
+                self.push(score, key);
+            }
+        }
+    }
+
     fn cut(&mut self) {
         if self.k == 0 || self.items.len() <= self.k {
             return;
@@ -369,6 +378,11 @@ pub fn exact_candidates<F>(
 where
     F: Fn(usize, usize) -> bool + Sync,
 {
+    if nq == 0 || k == 0 || rows.start >= rows.end || dim == 0 {
+        return vec![Vec::new(); nq];
+    }
+    debug_assert!(matrix.len() >= rows.end * dim);
+    debug_assert_eq!(queries.len(), nq * dim);
     #[cfg(target_arch = "x86_64")]
     if crate::fused_scan::available() {
         let tiles = cache.and_then(|c| c.tiles_for(matrix, dim, &rows, nq));
@@ -392,7 +406,7 @@ where
 /// [`exact_candidates`] through [`crate::fused_scan`]: over `tiles` (a tile-major copy of rows
 /// `0..rows.end`) when given; else over the matrix itself for small batches (or when
 /// `segment_bytes` is 0); else over tile-major copies of at most `segment_bytes` made here, one
-/// segment at a time.
+/// segment at a time. Inputs are non-empty and consistent (checked by [`exact_candidates`]).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn fused<F>(
@@ -409,11 +423,7 @@ fn fused<F>(
 where
     F: Fn(usize, usize) -> bool + Sync,
 {
-    if nq == 0 || k == 0 || rows.start >= rows.end || dim == 0 {
-        return vec![Vec::new(); nq];
-    }
-    debug_assert!(matrix.len() >= rows.end * dim);
-    debug_assert_eq!(queries.len(), nq * dim);
+    debug_assert!(nq > 0 && k > 0 && rows.start < rows.end && dim > 0);
     with_query_panels(queries, nq, dim, |packed| {
         fused_panels(
             matrix,
@@ -522,11 +532,7 @@ where
             return found;
         }
         for (list, cands) in lists.iter_mut().zip(found) {
-            for (s, row) in cands {
-                if s >= list.threshold() {
-                    list.push(s, row);
-                }
-            }
+            list.offer_all(cands);
         }
         s0 = s1;
     }
@@ -547,7 +553,8 @@ const PACK_SEGMENT_BYTES: usize = 16 << 20;
 #[cfg(target_arch = "x86_64")]
 const FUSED_QUERY_BLOCK: usize = 128;
 
-/// [`exact_candidates`] through a portable GEMM (matrixmultiply) and a selection pass.
+/// [`exact_candidates`] through a portable GEMM (matrixmultiply) and a selection pass (inputs
+/// checked by [`exact_candidates`]).
 fn exact_candidates_gemm<F>(
     matrix: &[f32],
     dim: usize,
@@ -560,11 +567,7 @@ fn exact_candidates_gemm<F>(
 where
     F: Fn(usize, usize) -> bool + Sync,
 {
-    if nq == 0 || k == 0 || rows.start >= rows.end || dim == 0 {
-        return vec![Vec::new(); nq];
-    }
-    debug_assert!(matrix.len() >= rows.end * dim);
-    debug_assert_eq!(queries.len(), nq * dim);
+    debug_assert!(nq > 0 && k > 0 && rows.start < rows.end && dim > 0);
     in_tasks(nq, rows, dim, QUERY_BLOCK, k, |q0, q1, r, found| {
         let (r0, r1) = (r.start, r.end);
         let m = q1 - q0;
@@ -667,11 +670,7 @@ where
         }
         let mut merged = NearTop::new(k, margin);
         for list in lists {
-            for (s, row) in list.into_vec() {
-                if s >= merged.threshold() {
-                    merged.push(s, row);
-                }
-            }
+            merged.offer_all(list.into_vec());
         }
         *out = merged.into_vec();
     });
