@@ -572,7 +572,6 @@ where
         let (r0, r1) = (r.start, r.end);
         let m = q1 - q0;
         let mut scores = vec![0f32; m * ROW_BLOCK.min(r1 - r0)];
-        let mut thresholds: Vec<f32> = found.iter().map(NearTop::threshold).collect();
         let mut c0 = r0;
         while c0 < r1 {
             let c1 = (c0 + ROW_BLOCK).min(r1);
@@ -598,11 +597,11 @@ where
                     1,
                 );
             }
-            for (qi, (list, t)) in found.iter_mut().zip(thresholds.iter_mut()).enumerate() {
+            for (qi, list) in found.iter_mut().enumerate() {
                 let row_scores = &scores[qi * n..(qi + 1) * n];
                 for (j, &s) in row_scores.iter().enumerate() {
-                    if s >= *t && accept(q0 + qi, c0 + j) {
-                        *t = list.push(s, (c0 + j) as u64);
+                    if s >= list.threshold() && accept(q0 + qi, c0 + j) {
+                        list.push(s, (c0 + j) as u64);
                     }
                 }
             }
