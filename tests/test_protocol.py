@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from membuilder.protocol import MEMBUILDER, PAPER, PROTOCOLS, get_protocol, protocol_difference
 
 
@@ -20,7 +19,11 @@ def test_paper_protocol_values_follow_the_reference_code():
     assert PAPER.locomo_questions == "all"
     assert (PAPER.answer_model, PAPER.judge_model) == ("gpt-4.1-mini", "gpt-4.1")
     assert PAPER.judge_unreadable == "wrong"
-    assert (PAPER.reward_pairing, PAPER.reward_qa_scope, PAPER.format_gate) == ("joint", "rollout_only", "strict")
+    assert (PAPER.reward_pairing, PAPER.reward_qa_scope, PAPER.format_gate) == (
+        "joint",
+        "rollout_only",
+        "strict",
+    )
     assert dict(PAPER.qa_type_mix) == {"single_session": 0.5, "multi_session": 0.3, "temporal": 0.2}
     assert (PAPER.agent_top_k, PAPER.answer_top_k) == (20, 10)
 

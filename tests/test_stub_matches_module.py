@@ -1,8 +1,9 @@
 """The hand-written stub `_core.pyi` and the compiled module must describe the same surface.
 
-A cheap, dependency-free cousin of `mypy.stubtest`: every public class, function and constant in
-the stub exists in the module with the same kind, every public method or attribute a stub class
-declares exists on the compiled class, and the module exports nothing the stub leaves out.
+A dependency-free cousin of `mypy.stubtest`: every public class, function and constant in the stub
+exists in the module with the same kind, every public method or attribute a stub class declares
+exists on the compiled class, the module exports nothing the stub leaves out, and every function,
+method and constructor has the same parameters (names, order, kinds, defaults) in both.
 """
 
 from __future__ import annotations
@@ -93,3 +94,98 @@ def test_stub_class_members_exist(name: str) -> None:
 )
 def test_stub_functions_are_callable(name: str) -> None:
     assert callable(getattr(_core, name))
+
+
+# -- signatures -----------------------------------------------------------------------------------
+# PyO3 gives every function and method a ``__text_signature__``, so ``inspect.signature`` reads the
+# compiled parameters. The stub must agree on each parameter's name, order and kind (positional
+# or keyword-only, *args, **kwargs) and on its default: a literal default must be equal, and
+# ``...`` in the stub stands for "has a default" (for defaults a stub cannot spell).
+
+_NO_DEFAULT = object()
+
+
+def _stub_params(fn: ast.FunctionDef) -> list[tuple[str, str, object]]:
+    a = fn.args
+    out: list[tuple[str, str, object]] = []
+    positional = a.posonlyargs + a.args
+    defaults = [_NO_DEFAULT] * (len(positional) - len(a.defaults)) + list(a.defaults)
+    for arg, default in zip(positional, defaults):
+        out.append((arg.arg, "positional", default))
+    if a.vararg:
+        out.append((a.vararg.arg, "*args", _NO_DEFAULT))
+    for arg, default in zip(a.kwonlyargs, a.kw_defaults):
+        out.append((arg.arg, "keyword", _NO_DEFAULT if default is None else default))
+    if a.kwarg:
+        out.append((a.kwarg.arg, "**kwargs", _NO_DEFAULT))
+    if out and out[0][0] in ("self", "cls"):
+        out = out[1:]
+    return out
+
+
+_KINDS = {
+    inspect.Parameter.POSITIONAL_ONLY: "positional",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD: "positional",
+    inspect.Parameter.VAR_POSITIONAL: "*args",
+    inspect.Parameter.KEYWORD_ONLY: "keyword",
+    inspect.Parameter.VAR_KEYWORD: "**kwargs",
+}
+
+
+def _runtime_params(obj: object) -> list[tuple[str, str, object]]:
+    params = list(inspect.signature(obj).parameters.values())  # type: ignore[arg-type]
+    if params and params[0].name in ("self", "cls"):
+        params = params[1:]
+    return [
+        (p.name, _KINDS[p.kind], _NO_DEFAULT if p.default is inspect.Parameter.empty else p.default)
+        for p in params
+    ]
+
+
+def _signature_problems(where: str, stub: ast.FunctionDef, runtime: object) -> list[str]:
+    try:
+        actual = _runtime_params(runtime)
+    except (TypeError, ValueError):
+        return []  # no text signature at runtime (e.g. an exception type): nothing to compare
+    declared = _stub_params(stub)
+    shape = [(n, k) for n, k, _ in declared]
+    if shape != [(n, k) for n, k, _ in actual]:
+        return [f"{where}: stub {shape} vs compiled {[(n, k) for n, k, _ in actual]}"]
+    problems = []
+    for (name, _, node), (_, _, value) in zip(declared, actual):
+        if (node is _NO_DEFAULT) != (value is _NO_DEFAULT):
+            problems.append(f"{where}({name}): default in one and not the other")
+        elif node is not _NO_DEFAULT:
+            assert isinstance(node, ast.expr)
+            literal = ast.literal_eval(node) if not isinstance(node, ast.Constant) else node.value
+            if literal is not Ellipsis and value is not Ellipsis and literal != value:
+                problems.append(f"{where}({name}): stub default {literal!r} vs compiled {value!r}")
+    return problems
+
+
+def test_stub_signatures_match_the_compiled_module() -> None:
+    members = _stub_members(_stub_tree())
+    problems: list[str] = []
+    checked = 0
+    for name, node in members.items():
+        if name in TYPING_ONLY or not hasattr(_core, name):
+            continue
+        runtime = getattr(_core, name)
+        if isinstance(node, ast.FunctionDef):
+            problems += _signature_problems(name, node, runtime)
+            checked += 1
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if not isinstance(item, ast.FunctionDef):
+                    continue
+                if item.name in ("__init__", "__new__"):
+                    problems += _signature_problems(f"{name}()", item, runtime)
+                elif not item.name.startswith("_") and callable(getattr(runtime, item.name, None)):
+                    if any(isinstance(d, ast.Name) and d.id == "property" for d in item.decorator_list):
+                        continue
+                    problems += _signature_problems(f"{name}.{item.name}", item, getattr(runtime, item.name))
+                else:
+                    continue
+                checked += 1
+    assert checked > 30, f"only {checked} signatures compared: is the stub parsed?"
+    assert problems == [], "stub and compiled signatures differ:\n" + "\n".join(problems)

@@ -77,7 +77,7 @@ class Action:
         agent: Agent,
         op: str,
         text: str | None = None,
-        old: Sequence[str] = (),
+        old: Sequence[str] | None = None,
         reason: str | None = None,
     ) -> None:
         """Build an action directly; raises InvalidArgumentError if it would not validate."""
