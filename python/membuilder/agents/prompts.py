@@ -308,6 +308,9 @@ def render_agent_messages(
     """
     if agent not in SYSTEM_PROMPTS:
         raise ValueError(f"unknown agent {agent!r}; expected one of {', '.join(AGENTS)}")
+    custom = _from_template(agent, core, retrieved, session_messages, timestamp, core_limit)
+    if custom is not None:
+        return custom
     blocks = [render_session(session_messages, timestamp)]
     if agent == "core":
         blocks.append(render_core(core, core_limit))
@@ -318,6 +321,36 @@ def render_agent_messages(
         {"role": "system", "content": SYSTEM_PROMPTS[agent]},
         {"role": "user", "content": "\n\n".join(blocks)},
     ]
+
+
+def _from_template(
+    agent: str,
+    core: str,
+    retrieved: Sequence[str],
+    session_messages: Sequence[Mapping[str, Any]],
+    timestamp: str | None,
+    core_limit: int,
+) -> list[dict[str, str]] | None:
+    """The agent's prompt from a user template (:mod:`membuilder.prompt_templates`), if one is in force."""
+    from membuilder.prompt_templates import active_templates, render_template
+
+    templates = active_templates()
+    if templates is None or not templates.has(agent):
+        return None
+    memories = list(retrieved)
+    return render_template(
+        agent,
+        {
+            "session": "\n".join(format_turn(m, i) for i, m in enumerate(session_messages)),
+            "session_date": timestamp or "unknown",
+            "session_day": describe_date(timestamp),
+            "core_memory": core,
+            "core_chars": len(core),
+            "core_limit": core_limit,
+            "existing_memories": "\n".join(f"{i}. {_one_line(m)}" for i, m in enumerate(memories, 1)),
+            "memory_count": len(memories),
+        },
+    )
 
 
 def render_rejection_feedback(reasons: Sequence[str]) -> str:

@@ -60,6 +60,7 @@ __all__ = [
     "AGENT_ORDER",
     "QA_TYPES",
     "QA_VERSION",
+    "QAManifest",
     "RL_VERSION",
     "SFT_VERSION",
     "TRAJECTORY_VERSION",
@@ -232,6 +233,10 @@ class TrajectoryManifest(msgspec.Struct, kw_only=True):
     temperature: float
     max_attempts: int
     retrieve_k: int
+    #: :meth:`membuilder.protocol.Protocol.record` and the prompt templates' record; ``None`` in
+    #: directories recorded before protocols existed.
+    protocol: dict[str, Any] | None = None
+    prompt_templates: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +285,34 @@ class SessionQA(msgspec.Struct, kw_only=True):
     attempts: int
     usage: Usage = msgspec.field(default_factory=Usage)
     error: str | None = None
+    # Added with protocols (absent from older lines, which read as None / empty): the protocol's
+    # label ("paper", "membuilder", "paper+overrides"; the full record is in qa_manifest.json),
+    # the sampling temperature, how many memories of the state before the session the prompt
+    # showed out of how many, the target type mix and the types of the accepted questions, and
+    # the prompt templates in force (membuilder.prompt_templates).
+    protocol: str | None = None
+    temperature: float | None = None
+    memories_shown: int | None = None
+    memories_total: int | None = None
+    type_mix: dict[str, float] = msgspec.field(default_factory=dict)
+    type_counts: dict[str, int] = msgspec.field(default_factory=dict)
+    prompt_templates: dict[str, Any] | None = None
+
+
+class QAManifest(msgspec.Struct, kw_only=True):
+    """``qa_manifest.json`` beside the trajectories: the settings every ``qa.jsonl`` line was made
+    with. ``protocol`` is :meth:`membuilder.protocol.Protocol.record`; ``prompt_templates`` the
+    templates' record (:func:`membuilder.prompt_templates.templates_record`)."""
+
+    version: int = QA_VERSION
+    model: str
+    per_session: int
+    temperature: float
+    max_attempts: int
+    max_memories: int | None
+    type_mix: dict[str, float]
+    protocol: dict[str, Any]
+    prompt_templates: dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +378,12 @@ class RLGroundTruth(msgspec.Struct, kw_only=True):
     experts: list[ExpertOutput]
     qa: list[QAItem]
     session_messages: list[SessionMessage]
+    # Added with protocols; readers that predate them ignore these keys. ``protocol`` is the
+    # export's Protocol.record() (the reward takes its own protocol from the reward kwargs; this
+    # says what the data was made for); ``sources`` the protocol labels and prompt-template
+    # hashes the trajectories and the QA were made with.
+    protocol: dict[str, Any] | None = None
+    sources: dict[str, Any] | None = None
 
 
 class RLExtraInfo(msgspec.Struct, kw_only=True):
@@ -378,6 +417,8 @@ class RLReport(msgspec.Struct, kw_only=True):
     sessions_without_qa: int
     dropped_sessions_without_qa: int
     incomplete_sessions: int
+    protocol: str | None = None
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
