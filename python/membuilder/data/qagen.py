@@ -363,7 +363,7 @@ async def generate_session_qa(
         memories_shown=len(_newest(memories, max_memories)),
         memories_total=len(memories),
         type_mix={MIX_TYPES.get(k, k): float(v) for k, v in (type_mix or {}).items()},
-        type_counts={t: sum(1 for q in questions if q.type == t) for t in QA_TYPES if any(q.type == t for q in questions)},
+        type_counts={t: c for t in QA_TYPES if (c := sum(1 for q in questions if q.type == t))},
         prompt_templates=templates_record(),
     )
 
@@ -383,6 +383,15 @@ def read_qa(conv_dir: str | Path) -> list[SessionQA]:
     if not path.exists():
         return []
     return read_jsonl(path, SessionQA, QA_VERSION, what="session QA")
+
+
+def read_qa_manifest(root: str | Path) -> QAManifest | None:
+    """The settings the QA under ``root`` was made with (``None``: no QA, or QA made before
+    ``qa_manifest.json`` existed)."""
+    path = Path(root) / QA_MANIFEST_FILE
+    if not path.exists():
+        return None
+    return decode_versioned(path.read_bytes(), QAManifest, QA_VERSION, what="QA manifest", path=path)
 
 
 async def generate_qa(
@@ -434,8 +443,8 @@ async def generate_qa(
         prompt_templates=templates_record(),
     )
     manifest_path = root / QA_MANIFEST_FILE
-    if manifest_path.exists() and not overwrite:
-        old = decode_versioned(manifest_path.read_bytes(), QAManifest, QA_VERSION, what="QA manifest", path=manifest_path)
+    old = None if overwrite else read_qa_manifest(root)
+    if old is not None:
         diff = [f for f in manifest.__struct_fields__ if getattr(old, f) != getattr(manifest, f)]
         if diff:
             raise MembuilderError(

@@ -678,34 +678,43 @@ def plan_run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     from membuilder.eval.datasets.longmemeval import load_splits
 
     gaps: dict[str, list[str]] = {}
+    per_split: dict[str, dict[str, Any]] = {}
     if args.dataset == "longmemeval":
-        # Read the file once for every split's ids, then select: the s file takes seconds to parse.
+        # Read the file once for every split's ids, then select: the s file takes seconds to
+        # parse, and the other splits' gaps are worth printing too.
         from membuilder.eval.datasets.longmemeval import DEFAULT_SPLIT_FILE
 
         sf = args.split_file if args.split_file is not None else path.parent / DEFAULT_SPLIT_FILE
         wanted = _selected_ids(args)
-        if args.split is not None or sf.is_file():
+        if args.split is not None:
             splits = load_splits(sf)
             every = list(dict.fromkeys(i for ids in splits.values() for i in ids))
             ds = load_dataset("longmemeval", path, ids=every)
             present = {c.id for c in ds.conversations}
             gaps = {k: [i for i in v if i not in present] for k, v in splits.items()}
             gaps = {k: v for k, v in gaps.items() if v}
-            if args.split is not None:
-                if args.split not in splits:
-                    raise TrajectoryError(f"{sf}: no split {args.split!r}")
-                wanted = splits[args.split] if wanted is None else [i for i in splits[args.split] if i in set(wanted)]
+            sizes = {c.id: len(c.sessions) for c in ds.conversations}
+            per_split = {
+                k: {
+                    "conversations": sum(1 for i in v if i in sizes),
+                    "sessions": sum(sizes.get(i, 0) for i in v),
+                    "missing_ids": gaps.get(k, []),
+                }
+                for k, v in splits.items()
+            }
+            if args.split not in splits:
+                raise TrajectoryError(f"{sf}: no split {args.split!r}")
+            split_ids = splits[args.split]
+            wanted = split_ids if wanted is None else [i for i in split_ids if i in set(wanted)]
             by_id = {c.id: c for c in ds.conversations}
-            if wanted is None:
-                wanted = list(by_id)
             conversations = [by_id[i] for i in wanted if i in by_id]
             missing = [i for i in wanted if i not in by_id]
+            if args.sessions is not None:
+                conversations = [_Cut(c, args.sessions) for c in conversations]
         else:
             conversations, missing = load_selection(args, path)
     else:
         conversations, missing = load_selection(args, path)
-    if args.sessions is not None and args.dataset == "longmemeval":
-        conversations = [_Cut(c, args.sessions) for c in conversations]
     sessions = sum(len(c.sessions) for c in conversations)
     return {
         "file": str(path),
@@ -715,6 +724,7 @@ def plan_run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         "agent_calls_with_all_retries": sessions * len(AGENTS) * max(1, args.max_attempts),
         "missing_ids": missing,
         "file_lacks": gaps,
+        "splits": per_split,
     }
 
 
