@@ -456,3 +456,36 @@ def test_answer_judge_and_compression_templates_reach_the_endpoint(tmp_path):
         {"role": "user", "content": "Q? / gold / answer"},
     ]
     assert compress[0].messages == [{"role": "user", "content": f"COMPRESS-T to 120 of 200: {'x' * 300}"}]
+
+
+def test_eval_sends_the_answer_and_judge_templates_and_records_their_hash(longmemeval_dir, tmp_path, capsys):
+    path = _write(
+        tmp_path,
+        '[answer]\nuser = "ANSWER-T {current_date}\\n{memories}\\nQuestion: {question}"\n'
+        '[judge]\nuser = "JUDGE-T {question} | {gold_answer} | {generated_answer}"\n',
+    )
+    out = tmp_path / "eval"
+    with ScriptedOpenAIServer(MemoryResponder()) as server:
+        rc = cli_main(
+            ["eval", "--dataset", "longmemeval", "--data-path", str(longmemeval_dir / "longmemeval_oracle.json"),
+             "--split", "test", "--questions", "2", "--mode", "full", "--builder", "raw", "--embedder", "hash",
+             "--output-dir", str(out), "--no-progress", "--prompt-templates", str(path),
+             "--provider", "compatible", "--base-url", server.base_url, "--api-key", "k", "--model", "m"]
+        )  # fmt: skip
+        answers = [r for r in server.requests if r.tag == "answer"]
+        judges = [r for r in server.requests if r.tag == "judge"]
+    capsys.readouterr()
+    assert rc == 0
+    assert len(answers) == 2 and all(r.messages[0]["content"].startswith("ANSWER-T ") for r in answers)
+    assert len(judges) >= 2 and all(r.messages[0]["content"].startswith("JUDGE-T ") for r in judges)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompt_templates"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert set(summary["prompt_templates"]["prompts"]) == {"answer", "judge"}
+
+
+def test_eval_refuses_a_bad_template_in_one_line(tmp_path, capsys):
+    path = _write(tmp_path, '[judge]\nuser = "{question} {gold_answer}"\n')
+    rc = cli_main(["eval", "--dataset", "locomo", "--data-path", str(tmp_path / "x.json"),
+                   "--prompt-templates", str(path), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and str(path) in err and "{generated_answer}" in err
