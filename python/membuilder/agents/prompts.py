@@ -13,7 +13,9 @@ it must return, and a ``user`` message that carries the data in tagged blocks::
 The tags keep the data apart from the instructions for the model, and give deterministic tools (the
 scripted test responder, trajectory inspection) a structure to parse. :func:`render_agent_messages`
 is pure: the same inputs always give the same messages, byte for byte, which trajectory recording
-and the RL export rely on (a prompt is part of a cache key and of a training sample).
+and the RL export rely on (a prompt is part of a cache key and of a training sample). A user's
+template file (:mod:`membuilder.prompt_templates`) in force replaces an agent's prompt; it is an
+input too, recorded by hash in every output.
 """
 
 from __future__ import annotations
@@ -303,7 +305,8 @@ def render_agent_messages(
     memories of the agent's own kind, most relevant first (ignored for the core agent);
     ``session_messages`` dicts with ``content`` and optionally ``role``, ``speaker``, ``turn_id``,
     ``image_caption``; ``timestamp`` the session's date as the dataset gives it; ``core_limit`` the
-    core block's limit in characters. Pure and deterministic. Raises ``ValueError`` for an unknown
+    core block's limit in characters. Deterministic (given the prompt templates in force, see
+    :mod:`membuilder.prompt_templates`). Raises ``ValueError`` for an unknown
     agent.
     """
     if agent not in SYSTEM_PROMPTS:

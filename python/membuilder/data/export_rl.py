@@ -139,7 +139,8 @@ def export_rl(
     sources = {
         "trajectories": _source(manifest.protocol, manifest.prompt_templates),
         "qa": _source(
-            qa_manifest.protocol if qa_manifest else None, qa_manifest.prompt_templates if qa_manifest else None
+            qa_manifest.protocol if qa_manifest else None,
+            qa_manifest.prompt_templates if qa_manifest else None,
         ),
     }
     warnings = [

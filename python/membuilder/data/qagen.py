@@ -517,7 +517,9 @@ def parse_type_mix(text: str) -> dict[str, float]:
         key, sep, value = part.partition("=")
         key = names.get(key.strip(), key.strip())
         if not sep or key not in MIX_TYPES:
-            raise ValueError(f"--type-mix: expected type=share with a type of {', '.join(MIX_TYPES)}, got {part!r}")
+            raise ValueError(
+                f"--type-mix: expected type=share with a type of {', '.join(MIX_TYPES)}, got {part!r}"
+            )
         try:
             share = float(value)
         except ValueError:

@@ -54,7 +54,14 @@ from membuilder.data._common import (
 )
 from membuilder.data._io import append_run_log, atomic_write_bytes, check_id, fsync_dir, store_state
 from membuilder.prompt_templates import use_templates
-from membuilder.protocol import DEFAULT_PROTOCOL, LONGMEMEVAL_FILES, PROTOCOLS, Protocol, add_protocol_argument, get_protocol
+from membuilder.protocol import (
+    DEFAULT_PROTOCOL,
+    LONGMEMEVAL_FILES,
+    PROTOCOLS,
+    Protocol,
+    add_protocol_argument,
+    get_protocol,
+)
 from membuilder.data.schemas import (
     TRAJECTORY_VERSION,
     AgentCallRecord,
@@ -550,7 +557,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="call no model: print the conversations, sessions and agent calls the run would make "
         "with each protocol's default file, and the split's ids missing from the file",
     )
-    parser.add_argument("--output-dir", type=Path, default=None, help="where to record (required unless --dry-run)")
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where to record (required unless --dry-run)"
+    )
     add_endpoint_arguments(
         parser,
         model_flag="--expert-model",
@@ -641,7 +650,9 @@ def load_selection(args: argparse.Namespace, path: Path | None = None) -> tuple[
     from membuilder.eval.datasets import load_dataset
 
     path = path if path is not None else _data_path(args)
-    ds = load_dataset(args.dataset, path, split=args.split, ids=_selected_ids(args), split_file=args.split_file)
+    ds = load_dataset(
+        args.dataset, path, split=args.split, ids=_selected_ids(args), split_file=args.split_file
+    )
     conversations = list(ds.conversations)
     if args.sessions is not None:
         if args.sessions < 1:
@@ -754,7 +765,8 @@ def dry_run(args: argparse.Namespace) -> int:
             shown = {LONGMEMEVAL_FILES[p.longmemeval_file] for p in (chosen, *PROTOCOLS.values())}
             for key, rel in LONGMEMEVAL_FILES.items():
                 if rel not in shown:
-                    rows.append((f"--longmemeval-file {key}", _data_path(args, chosen.with_overrides(longmemeval_file=key))))
+                    other = chosen.with_overrides(longmemeval_file=key)
+                    rows.append((f"--longmemeval-file {key}", _data_path(args, other)))
     plans: dict[Path, dict[str, Any]] = {}
     out = []
     for label, path in rows:
@@ -777,7 +789,8 @@ def dry_run(args: argparse.Namespace) -> int:
     ]
     widths = [max(len(row[k]) for row in table) for k in range(len(header))]
     for row in table:
-        print("  ".join(cell.ljust(w) if k in (0, 1, 5) else cell.rjust(w) for k, (cell, w) in enumerate(zip(row, widths))).rstrip())
+        cells = (c.ljust(w) if k in (0, 1, 5) else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths)))
+        print("  ".join(cells).rstrip())
     for path, plan in plans.items():
         if plan["file_lacks"]:
             lacks = "; ".join(f"{k}: {', '.join(v)}" for k, v in plan["file_lacks"].items())
