@@ -7,7 +7,14 @@ the user would ask them, answerable from memory alone, each with a short gold an
 duplicates); when fewer than asked survive, the model is asked again with the reasons, up to
 ``--max-attempts`` calls per session. Output: ``conversations/<id>/qa.jsonl`` beside the
 trajectories, one :class:`~membuilder.data.schemas.SessionQA` line per session in session order,
-rewritten atomically after each conversation. LLM calls carry the tag ``qa-gen``.
+rewritten atomically after each conversation; ``qa_manifest.json`` beside the trajectories
+records the settings and the protocol. LLM calls carry the tag ``qa-gen``.
+
+Under the ``paper`` protocol (the default) this follows the paper's code (``prepare_rl_data.py
+--add-qa``): 5 questions per session, temperature 0, every memory of the state before the session,
+the 50/30/20 single-session / multi-session / temporal mix asked for in the prompt (and, as there,
+not counted), one call per session. ``membuilder`` shows the newest 200 memories, asks for no mix
+and asks again for missing questions.
 
 Expected model output (JSON mode)::
 

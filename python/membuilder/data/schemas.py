@@ -44,7 +44,9 @@ output), ``actions`` (list of the valid actions as ``Action.to_dict()`` objects)
 ``parse_actions(e.agent, e.raw_output)``, and apply them only when ``e.ok``: that is what the
 recording did (a failed output changed nothing) · ``qa`` (list of :class:`QAItem`: ``id``, ``question``,
 ``answer``, ``type``, ``asked_at``, ``evidence``) · ``session_messages`` (list of {role, content, speaker?,
-turn_id?}: the session that the agents saw).
+turn_id?}: the session that the agents saw) · ``protocol`` (object | null: the export's
+``Protocol.record()``; null in files exported before protocols) · ``sources`` (object | null:
+``{"trajectories": {"protocol", "prompt_templates"}, "qa": {...}}``, what the data was made with).
 """
 
 from __future__ import annotations
