@@ -415,6 +415,11 @@ def test_templates_reach_the_endpoint_and_their_hash_every_output(longmemeval_di
     assert set(manifest.prompt_templates["prompts"]) == {"episodic", "qa"}
     assert read_qa_manifest(root).prompt_templates["sha256"] == digest
     assert all(r.prompt_templates["sha256"] == digest for r in read_qa(root / "conversations" / conv))
+    sft = tmp_path / "sft.json"
+    assert cli_main(["export-sft", "--trajectories", str(root), "--output", str(sft)]) == 0
+    sft_report = json.loads(Path(f"{sft}.report.json").read_text())
+    assert sft_report["prompt_templates"]["sha256"] == digest
+    assert sft_report["trajectories_protocol"] == "paper+overrides"
     out = tmp_path / "rl.parquet"
     assert cli_main(["export-rl", "--trajectories", str(root), "--output", str(out)]) == 0
     raw = json.loads(pq.read_table(out).to_pylist()[0]["reward_model"]["ground_truth"])

@@ -347,6 +347,9 @@ class SFTReport(msgspec.Struct, kw_only=True):
     max_sample_length: int
     conversations: int
     sessions: int
+    #: The protocol label and prompt templates the trajectories were recorded with.
+    trajectories_protocol: str | None = None
+    prompt_templates: dict[str, Any] | None = None
 
 
 class ExpertOutput(msgspec.Struct, kw_only=True):
