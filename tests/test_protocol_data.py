@@ -358,6 +358,22 @@ def test_template_file_validation(tmp_path):
     }  # fmt: skip
 
 
+def test_single_brace_templates_read_like_str_format(tmp_path):
+    from membuilder.judge import build_judge_messages
+
+    path = _write(
+        tmp_path,
+        '[judge]\nuser = """{question}|{gold_answer}|{generated_answer}|{{question}}|'
+        '{"label": "CORRECT"}|{{"label": "WRONG"}}"""\n',
+    )
+    with use_templates(load_prompt_templates(path)):
+        content = build_judge_messages("Q", "G", "A")[0]["content"]
+    # Escapes and placeholders as str.format would render them; the unescaped JSON stays as is.
+    assert content == 'Q|G|A|{question}|{"label": "CORRECT"}|{"label": "WRONG"}'
+    fmt = "{question}|{gold_answer}|{generated_answer}|{{question}}"
+    assert content.startswith(fmt.format(question="Q", gold_answer="G", generated_answer="A"))
+
+
 def test_double_brace_templates_leave_single_braces_alone(tmp_path):
     path = _write(
         tmp_path,

@@ -16,9 +16,10 @@ to replace (prompts not named keep the built-in text)::
     '''
 
 A table has ``user`` (required) and ``system`` (optional: without it the prompt is one user
-message). ``{name}`` is replaced by the value named; every other brace is left as written, so JSON
-examples need no escaping. With ``braces = 2`` placeholders are ``{{name}}`` and single braces are
-plain text. Which names each prompt offers, and which it requires, is :data:`PLACEHOLDERS`
+message). ``{name}`` is replaced by the value named and, as in Python's ``str.format``, ``{{`` and
+``}}`` are literal braces; every other brace is left as written, so JSON examples need no
+escaping either way. With ``braces = 2`` placeholders are ``{{name}}`` and every other brace is
+plain text (the style of prompts filled in with ``str.replace``). Which names each prompt offers, and which it requires, is :data:`PLACEHOLDERS`
 (documented in ``training/README.md``, "Prompt templates").
 
 The file is validated when it is loaded, i.e. when a command starts: an unknown prompt name, a
@@ -111,8 +112,29 @@ PLACEHOLDERS: dict[str, _Spec] = {
 }
 PROMPTS: tuple[str, ...] = tuple(PLACEHOLDERS)
 
-_IDENT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_IDENT2 = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
+# braces = 1 reads like Python's str.format: "{{" and "}}" are literal braces, "{name}" a
+# placeholder; any other brace is kept as written. Scanning left to right with the escapes first
+# makes "{{name}}" the literal text "{name}", as str.format does.
+_TOKENS1 = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# braces = 2: "{{name}}" is a placeholder and every other brace is literal.
+_TOKENS2 = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
+
+
+def _placeholders(text: str, braces: int) -> set[str]:
+    pattern = _TOKENS2 if braces == 2 else _TOKENS1
+    return {m.group(1) for m in pattern.finditer(text) if m.group(1)}
+
+
+def _fill(text: str, braces: int, values: Mapping[str, Any]) -> str:
+    if braces == 2:
+        return _TOKENS2.sub(lambda m: str(values[m.group(1)]), text)
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(1):
+            return str(values[m.group(1)])
+        return m.group(0)[0]  # "{{" -> "{", "}}" -> "}"
+
+    return _TOKENS1.sub(one, text)
 
 
 class PromptTemplateError(MembuilderError, ValueError):
@@ -145,15 +167,10 @@ class PromptTemplates:
     def render(self, name: str, values: Mapping[str, Any]) -> list[dict[str, str]]:
         """The chat messages of prompt ``name`` with ``values`` filled in."""
         t = self.prompts[name]
-        pattern = _IDENT2 if self.braces == 2 else _IDENT
-
-        def fill(text: str) -> str:
-            return pattern.sub(lambda m: str(values[m.group(1)]), text)
-
         out = []
         if t.system is not None:
-            out.append({"role": "system", "content": fill(t.system)})
-        out.append({"role": "user", "content": fill(t.user)})
+            out.append({"role": "system", "content": _fill(t.system, self.braces, values)})
+        out.append({"role": "user", "content": _fill(t.user, self.braces, values)})
         return out
 
     def record(self) -> dict[str, Any]:
@@ -188,7 +205,6 @@ def load_prompt_templates(path: str | Path) -> PromptTemplates:
     braces = data.pop("braces", 1)
     if braces not in (1, 2) or isinstance(braces, bool):
         raise fail(f"'braces' must be 1 or 2, got {braces!r}")
-    pattern = _IDENT2 if braces == 2 else _IDENT
     mark = "{{%s}}" if braces == 2 else "{%s}"
     prompts: dict[str, _Template] = {}
     for name, table in data.items():
@@ -206,7 +222,7 @@ def load_prompt_templates(path: str | Path) -> PromptTemplates:
             raise fail(f"[{name}] 'system' must be a string")
         spec = PLACEHOLDERS[name]
         text = (system or "") + "\n" + user
-        used = set(pattern.findall(text))
+        used = _placeholders(text, braces)
         unknown = sorted(used - set(spec.names))
         if unknown:
             raise fail(
