@@ -520,3 +520,29 @@ def test_eval_refuses_a_bad_template_in_one_line(tmp_path, capsys):
                    "--prompt-templates", str(path), "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and str(path) in err and "{generated_answer}" in err
+
+
+def test_every_agent_prompt_can_be_replaced(tmp_path):
+    from membuilder.agents.prompts import render_agent_messages
+
+    path = _write(
+        tmp_path,
+        '[core]\nuser = "CORE {session_day} {core_chars}/{core_limit}: {core_memory} || {session}"\n'
+        + "".join(
+            f'[{a}]\nuser = "{a.upper()} {{memory_count}}: {{existing_memories}} || {{session}}"\n'
+            for a in ("episodic", "semantic", "procedural")
+        ),
+    )
+    session = [{"role": "user", "content": "I adopted  a cat.", "turn_id": "D1:1", "speaker": "Ann"}]
+    kwargs = {"core": "Ann likes cats.", "retrieved": ["old one", "old two"], "session_messages": session}
+    with use_templates(load_prompt_templates(path)):
+        got = {
+            a: render_agent_messages(a, **kwargs, timestamp="2023/05/08 (Mon) 13:56", core_limit=500)
+            for a in AGENT_ORDER
+        }
+    turn = "[D1:1] Ann: I adopted a cat."
+    assert got["core"] == [
+        {"role": "user", "content": f"CORE 2023-05-08, Monday 15/500: Ann likes cats. || {turn}"}
+    ]
+    for a in ("episodic", "semantic", "procedural"):
+        assert got[a] == [{"role": "user", "content": f"{a.upper()} 2: 1. old one\n2. old two || {turn}"}]

@@ -19,8 +19,9 @@ A table has ``user`` (required) and ``system`` (optional: without it the prompt 
 message). ``{name}`` is replaced by the value named and, as in Python's ``str.format``, ``{{`` and
 ``}}`` are literal braces; every other brace is left as written, so JSON examples need no
 escaping either way. With ``braces = 2`` placeholders are ``{{name}}`` and every other brace is
-plain text (the style of prompts filled in with ``str.replace``). Which names each prompt offers, and which it requires, is :data:`PLACEHOLDERS`
-(documented in ``training/README.md``, "Prompt templates").
+plain text (the style of prompts filled in with ``str.replace``). Which names each prompt offers,
+and which it requires, is :data:`PLACEHOLDERS` (documented in ``training/README.md``, "Prompt
+templates").
 
 The file is validated when it is loaded, i.e. when a command starts: an unknown prompt name, a
 table without ``user``, an unknown placeholder (usually a typo) or a missing required placeholder
