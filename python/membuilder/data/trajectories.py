@@ -53,15 +53,6 @@ from membuilder.data._common import (
     setup_logging,
 )
 from membuilder.data._io import append_run_log, atomic_write_bytes, check_id, fsync_dir, store_state
-from membuilder.prompt_templates import use_templates
-from membuilder.protocol import (
-    DEFAULT_PROTOCOL,
-    LONGMEMEVAL_FILES,
-    PROTOCOLS,
-    Protocol,
-    add_protocol_argument,
-    get_protocol,
-)
 from membuilder.data.schemas import (
     TRAJECTORY_VERSION,
     AgentCallRecord,
@@ -76,6 +67,15 @@ from membuilder.data.schemas import (
     decode_versioned,
     encode_json,
     state_path,
+)
+from membuilder.prompt_templates import use_templates
+from membuilder.protocol import (
+    DEFAULT_PROTOCOL,
+    LONGMEMEVAL_FILES,
+    PROTOCOLS,
+    Protocol,
+    add_protocol_argument,
+    get_protocol,
 )
 
 log = logging.getLogger("membuilder.data.trajectories")
