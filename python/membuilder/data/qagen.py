@@ -112,6 +112,11 @@ def mix_targets(mix: Mapping[str, float], n: int) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _mix_by_type(mix: Mapping[str, float] | None) -> dict[str, float]:
+    """A mix keyed by QA type name (what the records hold), from protocol keys."""
+    return {MIX_TYPES.get(k, k): float(v) for k, v in (mix or {}).items()}
+
+
 def describe_type_mix(mix: Mapping[str, float] | None, n: int) -> str:
     """The sentence asking for the target mix, or ``""`` when there is none.
 
@@ -369,7 +374,7 @@ async def generate_session_qa(
         temperature=temperature,
         memories_shown=len(_newest(memories, max_memories)),
         memories_total=len(memories),
-        type_mix={MIX_TYPES.get(k, k): float(v) for k, v in (type_mix or {}).items()},
+        type_mix=_mix_by_type(type_mix),
         type_counts={t: c for t in QA_TYPES if (c := sum(1 for q in questions if q.type == t))},
         prompt_templates=templates_record(),
     )
@@ -445,7 +450,7 @@ async def generate_qa(
         temperature=temperature,
         max_attempts=max_attempts,
         max_memories=max_memories,
-        type_mix={k: float(v) for k, v in (type_mix or {}).items()},
+        type_mix=_mix_by_type(type_mix),
         protocol=protocol.record(),
         prompt_templates=templates_record(),
     )
