@@ -194,7 +194,9 @@ def test_interrupted_then_resumed_run_is_byte_identical(built, tmp_path, longmem
         responder.healthy.set()
         rc = cli_main(_traj_args(server, longmemeval_dir, root, sft_ids, "--skip-existing"))
         assert rc == 0
-    expected = {k: v for k, v in _files(built["root"]).items() if not k.endswith("qa.jsonl")}
+    expected = {
+        k: v for k, v in _files(built["root"]).items() if not k.endswith(("qa.jsonl", "qa_manifest.json"))
+    }
     assert _files(root) == expected
 
 
@@ -208,7 +210,9 @@ def test_more_sessions_extend_a_recording(built, tmp_path, longmemeval_dir, sft_
         assert cli_main(short) == 0
         assert all(len(c.meta.sessions) == 1 for c in iter_conversations(root))
         assert cli_main([*args, "--skip-existing"]) == 0
-    expected = {k: v for k, v in _files(built["root"]).items() if not k.endswith("qa.jsonl")}
+    expected = {
+        k: v for k, v in _files(built["root"]).items() if not k.endswith(("qa.jsonl", "qa_manifest.json"))
+    }
     assert _files(root) == expected
 
 

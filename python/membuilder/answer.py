@@ -44,7 +44,15 @@ def build_answer_messages(
 ) -> list[dict[str, str]]:
     """The answer prompt. ``memories`` best first; ``now`` the current date as the dataset gives
     it (``None``: unknown). Pure and deterministic."""
+    from membuilder.prompt_templates import render_template
+
     mem = "\n".join(f"{i}. {_one_line(m)}" for i, m in enumerate(memories, 1)) or "(none)"
+    custom = render_template(
+        "answer",
+        {"question": question, "memories": mem, "core_memory": core, "current_date": now or "unknown"},
+    )
+    if custom is not None:
+        return custom
     user = (
         f"<core_memory>\n{core.strip() or '(empty)'}\n</core_memory>\n\n"
         f'<memories count="{len(memories)}">\n{mem}\n</memories>\n\n'

@@ -44,6 +44,11 @@ def _one_line(text: object) -> str:
 def build_judge_messages(question: str, gold: object, answer: str) -> list[dict[str, str]]:
     """The judge prompt for one item. ``gold`` may be a non-string (LoCoMo has integer answers).
     Pure and deterministic."""
+    from membuilder.prompt_templates import render_template
+
+    custom = render_template("judge", {"question": question, "gold_answer": gold, "generated_answer": answer})
+    if custom is not None:
+        return custom
     user = (
         f"<question>{_one_line(question)}</question>\n"
         f"<gold_answer>{_one_line(gold)}</gold_answer>\n"

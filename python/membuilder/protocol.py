@@ -33,6 +33,13 @@ from typing import Any
 #: Bumped whenever a setting of a shipped protocol changes meaning or value.
 PROTOCOL_VERSION = 1
 
+#: The LongMemEval history file of each ``longmemeval_file`` value, relative to the benchmark
+#: data directory (``$MEMBUILDER_DATA``). The ``s`` copy holds 498 of the 500 questions.
+LONGMEMEVAL_FILES: dict[str, str] = {
+    "s": "longmemeval/longmemeval_s_498.json.xz",
+    "oracle": "longmemeval/longmemeval_oracle.json",
+}
+
 
 @dataclass(frozen=True)
 class SparseReward:
@@ -100,6 +107,11 @@ class Protocol:
     qa_type_mix: Mapping[str, float] = field(
         default_factory=lambda: {"single_session": 0.5, "multi_session": 0.3, "temporal": 0.2}
     )
+    #: Calls per session. The reference calls once and keeps what came back (fewer than asked,
+    #: or none, when the reply was short or unreadable: ``qa_generator.py`` /
+    #: ``scripts/prepare_rl_data.py``); ours asks again for the missing ones with the reasons.
+    #: The mix is stated in the prompt only, in both: the reference never counts types.
+    qa_max_attempts: int = 1
 
     # -- reward (reference ``training/reward_server/``) -------------------------------------
     #: ``joint`` (the k-th rollouts of the four agents together, reference ``data.shuffle=False``)
@@ -184,6 +196,7 @@ MEMBUILDER = Protocol(
     agent_retrieval="per_kind",
     qa_memory_scope="200",
     qa_type_mix={},
+    qa_max_attempts=2,
     reward_pairing="expert",
     reward_qa_scope="whole_state",
     format_gate="lenient",

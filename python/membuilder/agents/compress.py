@@ -33,7 +33,15 @@ Reply with one JSON object and nothing else: {"content": "<the condensed block>"
 def build_compress_messages(core: str, limit: int, target: int | None = None) -> list[dict[str, str]]:
     """Messages asking to condense ``core`` to at most ``target`` characters (default 60% of
     ``limit``, leaving room for the sessions to come). Pure."""
+    from membuilder.prompt_templates import render_template
+
     target = int(limit * 0.6) if target is None else target
+    custom = render_template(
+        "compress",
+        {"core_memory": core, "core_chars": len(core), "core_limit": limit, "target_chars": target},
+    )
+    if custom is not None:
+        return custom
     user = (
         f'<core_memory chars="{len(core)}" limit="{limit}" target="{target}">\n{core}\n</core_memory>\n\n'
         f"Condense this block to at most {target} characters (hard limit {limit})."

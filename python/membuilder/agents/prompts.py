@@ -13,7 +13,9 @@ it must return, and a ``user`` message that carries the data in tagged blocks::
 The tags keep the data apart from the instructions for the model, and give deterministic tools (the
 scripted test responder, trajectory inspection) a structure to parse. :func:`render_agent_messages`
 is pure: the same inputs always give the same messages, byte for byte, which trajectory recording
-and the RL export rely on (a prompt is part of a cache key and of a training sample).
+and the RL export rely on (a prompt is part of a cache key and of a training sample). A user's
+template file (:mod:`membuilder.prompt_templates`) in force replaces an agent's prompt; it is an
+input too, recorded by hash in every output.
 """
 
 from __future__ import annotations
@@ -303,11 +305,15 @@ def render_agent_messages(
     memories of the agent's own kind, most relevant first (ignored for the core agent);
     ``session_messages`` dicts with ``content`` and optionally ``role``, ``speaker``, ``turn_id``,
     ``image_caption``; ``timestamp`` the session's date as the dataset gives it; ``core_limit`` the
-    core block's limit in characters. Pure and deterministic. Raises ``ValueError`` for an unknown
+    core block's limit in characters. Deterministic (given the prompt templates in force, see
+    :mod:`membuilder.prompt_templates`). Raises ``ValueError`` for an unknown
     agent.
     """
     if agent not in SYSTEM_PROMPTS:
         raise ValueError(f"unknown agent {agent!r}; expected one of {', '.join(AGENTS)}")
+    custom = _from_template(agent, core, retrieved, session_messages, timestamp, core_limit)
+    if custom is not None:
+        return custom
     blocks = [render_session(session_messages, timestamp)]
     if agent == "core":
         blocks.append(render_core(core, core_limit))
@@ -318,6 +324,36 @@ def render_agent_messages(
         {"role": "system", "content": SYSTEM_PROMPTS[agent]},
         {"role": "user", "content": "\n\n".join(blocks)},
     ]
+
+
+def _from_template(
+    agent: str,
+    core: str,
+    retrieved: Sequence[str],
+    session_messages: Sequence[Mapping[str, Any]],
+    timestamp: str | None,
+    core_limit: int,
+) -> list[dict[str, str]] | None:
+    """The agent's prompt from a user template (:mod:`membuilder.prompt_templates`), if one is in force."""
+    from membuilder.prompt_templates import active_templates, render_template
+
+    templates = active_templates()
+    if templates is None or not templates.has(agent):
+        return None
+    memories = list(retrieved)
+    return render_template(
+        agent,
+        {
+            "session": "\n".join(format_turn(m, i) for i, m in enumerate(session_messages)),
+            "session_date": timestamp or "unknown",
+            "session_day": describe_date(timestamp),
+            "core_memory": core,
+            "core_chars": len(core),
+            "core_limit": core_limit,
+            "existing_memories": "\n".join(f"{i}. {_one_line(m)}" for i, m in enumerate(memories, 1)),
+            "memory_count": len(memories),
+        },
+    )
 
 
 def render_rejection_feedback(reasons: Sequence[str]) -> str:

@@ -11,9 +11,12 @@ from typing import Any
 log = logging.getLogger("membuilder.data")
 
 
-def add_endpoint_arguments(parser: argparse.ArgumentParser, *, model_flag: str, model_help: str) -> None:
-    """``--provider --base-url --api-key --max-retries --cache-dir`` plus the model flag."""
-    parser.add_argument(model_flag, required=True, dest="model", metavar="MODEL", help=model_help)
+def add_endpoint_arguments(
+    parser: argparse.ArgumentParser, *, model_flag: str, model_help: str, required: bool = True
+) -> None:
+    """``--provider --base-url --api-key --max-retries --cache-dir`` plus the model flag (when not
+    ``required``, its default is ``None``: the command takes the protocol's model)."""
+    parser.add_argument(model_flag, required=required, dest="model", metavar="MODEL", help=model_help)
     parser.add_argument(
         "--provider",
         default="openai",

@@ -37,7 +37,7 @@ from typing import Any
 
 from membuilder._core import MembuilderError
 from membuilder.data._io import atomic_write_bytes, sha256_file
-from membuilder.data.qagen import read_qa
+from membuilder.data.qagen import read_qa, read_qa_manifest
 from membuilder.data.schemas import (
     AGENT_ORDER,
     RL_VERSION,
@@ -51,6 +51,7 @@ from membuilder.data.schemas import (
     state_path,
 )
 from membuilder.data.trajectories import iter_conversations, read_manifest
+from membuilder.protocol import DEFAULT_PROTOCOL, Protocol, add_protocol_argument, get_protocol
 
 RL_FORMAT = "membuilder.rl"
 METADATA_KEY = b"membuilder"
@@ -119,14 +120,34 @@ def export_rl(
     data_source: str | None = None,
     allow_missing_qa: bool = False,
     absolute_states: bool = False,
+    protocol: Protocol | None = None,
 ) -> RLReport:
-    """Export the trajectories (and QA) under ``root`` to the parquet file ``output``."""
+    """Export the trajectories (and QA) under ``root`` to the parquet file ``output``.
+
+    Every row's ground truth records ``protocol`` (default ``paper``) and the protocols and
+    prompt templates the trajectories and QA were made with; a trajectory or QA protocol other
+    than ``protocol`` is reported in ``RLReport.warnings`` (the export still runs: mixing is a
+    choice, but never a silent one)."""
     pa, pq = _pyarrow()
     root = Path(root)
     output = Path(output)
     if output.suffix != ".parquet":
         raise MembuilderError(f"the output must end in .parquet, got {output.name}")
+    protocol = protocol or get_protocol(DEFAULT_PROTOCOL)
     manifest = read_manifest(root)
+    qa_manifest = read_qa_manifest(root)
+    sources = {
+        "trajectories": _source(manifest.protocol, manifest.prompt_templates),
+        "qa": _source(
+            qa_manifest.protocol if qa_manifest else None,
+            qa_manifest.prompt_templates if qa_manifest else None,
+        ),
+    }
+    warnings = [
+        f"{what} made under protocol {src['protocol']}, exported under {protocol.label}"
+        for what, src in sources.items()
+        if src["protocol"] != protocol.label
+    ]
     source = data_source or f"membuilder/{manifest.dataset}"
     states_dir_name = f"{output.stem}.states"
     states_dir = output.parent / states_dir_name
@@ -190,6 +211,8 @@ def export_rl(
                     experts=experts,
                     qa=list(questions),
                     session_messages=session.messages,
+                    protocol=protocol.record(),
+                    sources=sources,
                 )
                 extra = RLExtraInfo(
                     index=len(rows),
@@ -237,9 +260,20 @@ def export_rl(
         sessions_without_qa=without_qa,
         dropped_sessions_without_qa=dropped_qa,
         incomplete_sessions=incomplete,
+        protocol=protocol.label,
+        warnings=warnings,
     )
     atomic_write_bytes(Path(f"{output}.report.json"), encode_json(report) + b"\n")
     return report
+
+
+def _source(record: dict[str, Any] | None, templates: dict[str, Any] | None) -> dict[str, Any]:
+    """Where a part of the data came from: its protocol label (``"none recorded"`` for data made
+    before protocols were recorded) and its prompt templates' record."""
+    return {
+        "protocol": record.get("label", record.get("name")) if record else "none recorded",
+        "prompt_templates": templates,
+    }
 
 
 def read_rl(path: str | Path) -> list[dict[str, Any]]:
@@ -288,6 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--absolute-states", action="store_true", help="reference states in place by absolute path, copy none"
     )
+    add_protocol_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,9 +333,12 @@ def run(args: argparse.Namespace) -> int:
             data_source=args.data_source,
             allow_missing_qa=args.allow_missing_qa,
             absolute_states=args.absolute_states,
+            protocol=get_protocol(args.protocol),
         )
     except MembuilderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(encode_json(report).decode())
     return 0

@@ -176,7 +176,7 @@ def export_sft(
     output = Path(output)
     if output.suffix not in (".json", ".jsonl"):
         raise MembuilderError(f"the output must end in .json or .jsonl, got {output.name}")
-    read_manifest(root)  # refuses a directory of another version before anything is written
+    manifest = read_manifest(root)  # refuses a directory of another version before anything is written
     convert = to_alpaca if fmt == "alpaca" else to_sharegpt
     length = count or approx_length
     name = dataset_name or output.stem
@@ -239,6 +239,8 @@ def export_sft(
         max_sample_length=max_len,
         conversations=n_conv,
         sessions=n_sess,
+        trajectories_protocol=(manifest.protocol or {}).get("label", "none recorded"),
+        prompt_templates=manifest.prompt_templates,
     )
     atomic_write_bytes(Path(f"{output}.report.json"), encode_json(report) + b"\n")
     return report

@@ -7,7 +7,14 @@ the user would ask them, answerable from memory alone, each with a short gold an
 duplicates); when fewer than asked survive, the model is asked again with the reasons, up to
 ``--max-attempts`` calls per session. Output: ``conversations/<id>/qa.jsonl`` beside the
 trajectories, one :class:`~membuilder.data.schemas.SessionQA` line per session in session order,
-rewritten atomically after each conversation. LLM calls carry the tag ``qa-gen``.
+rewritten atomically after each conversation; ``qa_manifest.json`` beside the trajectories
+records the settings and the protocol. LLM calls carry the tag ``qa-gen``.
+
+Under the ``paper`` protocol (the default) this follows the paper's code (``prepare_rl_data.py
+--add-qa``): 5 questions per session, temperature 0, every memory of the state before the session,
+the 50/30/20 single-session / multi-session / temporal mix asked for in the prompt (and, as there,
+not counted), one call per session. ``membuilder`` shows the newest 200 memories, asks for no mix
+and asks again for missing questions.
 
 Expected model output (JSON mode)::
 
@@ -23,31 +30,36 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from membuilder._core import MembuilderError
+from membuilder._core import BANK_KINDS, MembuilderError
 from membuilder.data._common import add_endpoint_arguments, make_llm, resolve_cache_dir, setup_logging
 from membuilder.data._io import append_run_log, atomic_write_bytes
 from membuilder.data.schemas import (
     QA_TYPES,
     QA_VERSION,
     QAItem,
+    QAManifest,
     QARejection,
     SessionMeta,
     SessionQA,
     Usage,
+    decode_versioned,
     encode_json,
     read_jsonl,
 )
 from membuilder.data.trajectories import QA_FILE, RecordedConversation, iter_conversations, load_state
+from membuilder.protocol import Protocol, add_protocol_argument, get_protocol
 
 log = logging.getLogger("membuilder.data.qagen")
 
 QA_TAG = "qa-gen"
+QA_MANIFEST_FILE = "qa_manifest.json"
 MAX_QUESTION_CHARS = 400
 MAX_ANSWER_CHARS = 400
 
@@ -81,9 +93,56 @@ Reply with JSON only, in this shape:
 {"questions": [{"question": "...", "answer": "...", "type": "single-session", "evidence": ["..."]}]}"""
 
 
-def render_memory(core: str, memories: Sequence[tuple[str, str]], limit: int) -> str:
-    """The ``<memory_before>`` block: the core block, then the newest ``limit`` memories."""
-    shown = list(memories)[-limit:] if limit > 0 else []
+#: The protocol's type-mix keys (:attr:`membuilder.protocol.Protocol.qa_type_mix`) as QA types.
+MIX_TYPES: dict[str, str] = {
+    "single_session": "single-session",
+    "multi_session": "multi-session",
+    "temporal": "temporal-reasoning",
+    "knowledge_update": "knowledge-update",
+}
+
+
+def mix_targets(mix: Mapping[str, float], n: int) -> dict[str, tuple[int, int]]:
+    """``{qa type: (fewest, most)}`` questions of each type out of ``n`` for a target ``mix`` of
+    shares: the share's count rounded down and up (5 at 50/30/20 gives 2-3, 1-2 and 1)."""
+    out = {}
+    for key, share in mix.items():
+        exact = n * float(share)
+        out[MIX_TYPES.get(key, key)] = (math.floor(exact + 1e-9), math.ceil(exact - 1e-9))
+    return out
+
+
+def _mix_by_type(mix: Mapping[str, float] | None) -> dict[str, float]:
+    """A mix keyed by QA type name (what the records hold), from protocol keys."""
+    return {MIX_TYPES.get(k, k): float(v) for k, v in (mix or {}).items()}
+
+
+def describe_type_mix(mix: Mapping[str, float] | None, n: int) -> str:
+    """The sentence asking for the target mix, or ``""`` when there is none.
+
+    The mix is asked for in the prompt only, and the reply is not counted against it: the reference
+    (``qa_generator.py``) states its target distribution in the prompt and keeps whatever types
+    come back, so a model that strays from the mix produces a set that strays too (recorded in
+    each session's ``type_counts``)."""
+    if not mix:
+        return ""
+    parts = []
+    for (qa_type, (lo, hi)), share in zip(mix_targets(mix, n).items(), mix.values()):
+        count = str(lo) if lo == hi else f"{lo} to {hi}"
+        parts.append(f"{count} {qa_type} ({round(float(share) * 100)}%)")
+    return f"Spread the {n} questions over the types roughly like this: " + ", ".join(parts) + "."
+
+
+def _newest(memories: Sequence[tuple[str, str]], limit: int | None) -> list[tuple[str, str]]:
+    if limit is None:
+        return list(memories)
+    return list(memories)[-limit:] if limit > 0 else []
+
+
+def render_memory(core: str, memories: Sequence[tuple[str, str]], limit: int | None) -> str:
+    """The ``<memory_before>`` block: the core block, then the newest ``limit`` memories (``None``:
+    all of them)."""
+    shown = _newest(memories, limit)
     omitted = len(memories) - len(shown)
     lines = ["<memory_before>", "<core>", core.strip() or "(empty)", "</core>", "<memories>"]
     if omitted:
@@ -102,16 +161,43 @@ def build_qa_messages(
     session_messages: Sequence[dict[str, Any]],
     timestamp: str | None,
     n: int,
-    max_memories: int = 200,
+    max_memories: int | None = 200,
+    type_mix: Mapping[str, float] | None = None,
 ) -> list[dict[str, str]]:
-    """The qa-gen prompt for one session. ``memories`` are ``(kind, text)`` in id order."""
-    from membuilder.agents.prompts import render_session
+    """The qa-gen prompt for one session. ``memories`` are ``(kind, text)`` in id order;
+    ``max_memories`` the newest shown (``None``: all); ``type_mix`` the target mix of types
+    (:func:`describe_type_mix`)."""
+    from membuilder.agents.prompts import describe_date, format_turn, render_session
+    from membuilder.prompt_templates import active_templates, render_template
 
+    mix = describe_type_mix(type_mix, n)
+    templates = active_templates()
+    if templates is not None and templates.has("qa"):
+        shown = _newest(memories, max_memories)
+        by_kind = {k: "\n".join(t for kind, t in shown if kind == k) or "(none)" for k in BANK_KINDS}
+        custom = render_template(
+            "qa",
+            {
+                "session": "\n".join(format_turn(m, i) for i, m in enumerate(session_messages)),
+                "session_date": timestamp or "unknown",
+                "session_day": describe_date(timestamp),
+                "num_questions": n,
+                "core_memory": core,
+                "memories": "\n".join(f"- [{kind}] {text}" for kind, text in shown) or "(none)",
+                "episodic_memories": by_kind["episodic"],
+                "semantic_memories": by_kind["semantic"],
+                "procedural_memories": by_kind["procedural"],
+                "type_mix": mix,
+            },
+        )
+        if custom is not None:
+            return custom
+    ask = f"Write exactly {n} questions about this session, following the rules."
     user = "\n\n".join(
         [
             render_memory(core, memories, max_memories),
             render_session(session_messages, timestamp),
-            f"Write exactly {n} questions about this session, following the rules.",
+            f"{ask} {mix}" if mix else ask,
         ]
     )
     return [{"role": "system", "content": QA_SYSTEM}, {"role": "user", "content": user}]
@@ -215,11 +301,16 @@ async def generate_session_qa(
     n: int,
     model: str,
     max_attempts: int = 2,
-    max_memories: int = 200,
+    max_memories: int | None = 200,
     temperature: float = 0.0,
+    type_mix: Mapping[str, float] | None = None,
+    protocol: str | None = None,
 ) -> SessionQA:
     """Questions for one recorded session. Endpoint failures raise ``LLMError``; a model that
-    never produces ``n`` valid items gives a record with ``error`` set."""
+    never produces ``n`` valid items gives a record with ``error`` set. The memory shown is the
+    state before the session (``max_memories`` newest entries, ``None``: all of them)."""
+    from membuilder.prompt_templates import templates_record
+
     state = load_state(root, session.state_before)
     memories = [(e.kind, e.text) for e in state.entries()]
     messages = build_qa_messages(
@@ -229,6 +320,7 @@ async def generate_session_qa(
         timestamp=session.timestamp,
         n=n,
         max_memories=max_memories,
+        type_mix=type_mix,
     )
     seen: set[str] = set()
     accepted: list[dict[str, Any]] = []
@@ -278,6 +370,13 @@ async def generate_session_qa(
         attempts=attempts,
         usage=usage,
         error=error,
+        protocol=protocol,
+        temperature=temperature,
+        memories_shown=len(_newest(memories, max_memories)),
+        memories_total=len(memories),
+        type_mix=_mix_by_type(type_mix),
+        type_counts={t: c for t in QA_TYPES if (c := sum(1 for q in questions if q.type == t))},
+        prompt_templates=templates_record(),
     )
 
 
@@ -298,6 +397,15 @@ def read_qa(conv_dir: str | Path) -> list[SessionQA]:
     return read_jsonl(path, SessionQA, QA_VERSION, what="session QA")
 
 
+def read_qa_manifest(root: str | Path) -> QAManifest | None:
+    """The settings the QA under ``root`` was made with (``None``: no QA, or QA made before
+    ``qa_manifest.json`` existed)."""
+    path = Path(root) / QA_MANIFEST_FILE
+    if not path.exists():
+        return None
+    return decode_versioned(path.read_bytes(), QAManifest, QA_VERSION, what="QA manifest", path=path)
+
+
 async def generate_qa(
     root: str | Path,
     llm: Any,
@@ -305,26 +413,63 @@ async def generate_qa(
     n: int,
     model: str,
     max_attempts: int = 2,
-    max_memories: int = 200,
+    max_memories: int | None = 200,
     skip_existing: bool = False,
     overwrite: bool = False,
     workers: int = 4,
     conversation_ids: Sequence[str] | None = None,
-) -> dict[str, int]:
+    temperature: float = 0.0,
+    type_mix: Mapping[str, float] | None = None,
+    protocol: Protocol | None = None,
+) -> dict[str, Any]:
     """QA for every committed session of every conversation under ``root``.
 
     Returns counts: sessions generated, sessions kept from an earlier run, questions, sessions
-    with an error. Raises MembuilderError when QA already exists and neither ``skip_existing``
-    nor ``overwrite`` is set.
+    with an error, and the types of all questions. Raises MembuilderError when QA already exists
+    and neither ``skip_existing`` nor ``overwrite`` is set, or when ``skip_existing`` would add
+    to QA made with other settings (``qa_manifest.json``). ``protocol`` is recorded (default:
+    a ``membuilder`` record overridden by the settings given).
     """
+    from membuilder.prompt_templates import templates_record
+
     root = Path(root)
     if n < 1:
         raise MembuilderError(f"--per-session must be at least 1, got {n}")
+    if max_memories is not None and max_memories < 0:
+        raise MembuilderError(f"--max-memories must be 'all' or at least 0, got {max_memories}")
+    if protocol is None:
+        protocol = get_protocol("membuilder").with_overrides(
+            qa_per_session=n,
+            qa_temperature=temperature,
+            qa_memory_scope="all" if max_memories is None else str(max_memories),
+            qa_type_mix=dict(type_mix or {}),
+        )
+    manifest = QAManifest(
+        model=model,
+        per_session=n,
+        temperature=temperature,
+        max_attempts=max_attempts,
+        max_memories=max_memories,
+        type_mix=_mix_by_type(type_mix),
+        protocol=protocol.record(),
+        prompt_templates=templates_record(),
+    )
+    manifest_path = root / QA_MANIFEST_FILE
+    old = None if overwrite else read_qa_manifest(root)
+    if old is not None:
+        diff = [f for f in manifest.__struct_fields__ if getattr(old, f) != getattr(manifest, f)]
+        if diff:
+            raise MembuilderError(
+                f"{manifest_path}: the QA there was made with other settings ({', '.join(diff)}); "
+                "pass --overwrite to redo it or use the same settings"
+            )
     convs = iter_conversations(root)
     if conversation_ids is not None:
         wanted = set(conversation_ids)
         convs = [c for c in convs if c.meta.conversation_id in wanted]
-    counts = {"generated": 0, "kept": 0, "questions": 0, "sessions_with_error": 0}
+    counts: dict[str, Any] = {"generated": 0, "kept": 0, "questions": 0, "sessions_with_error": 0}
+    types: dict[str, int] = {}
+    atomic_write_bytes(manifest_path, encode_json(manifest) + b"\n")
     sem = asyncio.Semaphore(max(1, workers))
 
     async def one(conv: RecordedConversation) -> None:
@@ -347,6 +492,9 @@ async def generate_qa(
                         model=model,
                         max_attempts=max_attempts,
                         max_memories=max_memories,
+                        temperature=temperature,
+                        type_mix=type_mix,
+                        protocol=protocol.label,
                     )
                     for s in todo
                 )
@@ -359,21 +507,90 @@ async def generate_qa(
         counts["kept"] += len(ordered) - len(made)
         counts["questions"] += sum(len(r.questions) for r in ordered)
         counts["sessions_with_error"] += sum(1 for r in ordered if r.error)
+        for r in ordered:
+            for q in r.questions:
+                types[q.type] = types.get(q.type, 0) + 1
         append_run_log(root, "qa-gen", conversation=conv.meta.conversation_id, generated=len(made))
 
     await asyncio.gather(*(one(c) for c in convs))
+    counts["types"] = dict(sorted(types.items()))
     return counts
 
 
+def parse_type_mix(text: str) -> dict[str, float]:
+    """``--type-mix``: ``none``, or ``type=share`` pairs separated by commas (``single_session=0.5,
+    multi_session=0.3,temporal=0.2``; QA type names such as ``single-session`` work too). Shares
+    must be positive and add up to 1. Raises ``ValueError`` with a one-line reason."""
+    if text.strip().lower() in ("none", ""):
+        return {}
+    names = {v: k for k, v in MIX_TYPES.items()}
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = names.get(key.strip(), key.strip())
+        if not sep or key not in MIX_TYPES:
+            raise ValueError(
+                f"--type-mix: expected type=share with a type of {', '.join(MIX_TYPES)}, got {part!r}"
+            )
+        try:
+            share = float(value)
+        except ValueError:
+            raise ValueError(f"--type-mix: {value.strip()!r} is not a number") from None
+        if not share > 0:
+            raise ValueError(f"--type-mix: the share of {key} must be positive")
+        mix[key] = share
+    if abs(sum(mix.values()) - 1.0) > 1e-6:
+        raise ValueError(f"--type-mix: the shares add up to {sum(mix.values()):g}, not 1")
+    return mix
+
+
+def _memory_scope(value: str) -> str:
+    if value != "all" and not (value.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected 'all' or a number of memories, got {value!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from membuilder.prompt_templates import add_prompt_templates_argument
+
     parser.description = "Write synthetic QA (question, gold answer, type) for every recorded session."
     parser.add_argument("--trajectories", type=Path, required=True, help="a trajectory directory")
-    parser.add_argument("--per-session", type=int, default=5, help="questions per session (default 5)")
-    add_endpoint_arguments(parser, model_flag="--model", model_help="the model that writes the questions")
+    add_protocol_argument(parser)
     parser.add_argument(
-        "--max-attempts", type=int, default=2, help="calls per session when items are invalid"
+        "--per-session", type=int, default=None, help="questions per session (default: the protocol's, 5)"
     )
-    parser.add_argument("--max-memories", type=int, default=200, help="newest memories shown in the prompt")
+    add_endpoint_arguments(
+        parser,
+        model_flag="--model",
+        model_help="the model that writes the questions (default: the protocol's, claude-opus-4-5)",
+        required=False,
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="sampling temperature (default: the protocol's, 0)"
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=None,
+        help="calls per session when items are invalid (default: the protocol's; paper 1, membuilder 2)",
+    )
+    parser.add_argument(
+        "--max-memories",
+        type=_memory_scope,
+        default=None,
+        metavar="N|all",
+        help="memories of the state before the session shown in the prompt: the newest N, or all "
+        "(default: the protocol's; paper all, membuilder 200)",
+    )
+    parser.add_argument(
+        "--type-mix",
+        default=None,
+        metavar="SPEC|none",
+        help="target question-type mix asked for in the prompt, e.g. "
+        "single_session=0.5,multi_session=0.3,temporal=0.2 (default: the protocol's; paper that, "
+        "membuilder none)",
+    )
+    add_prompt_templates_argument(parser)
     parser.add_argument(
         "--conv-id", action="append", default=None, help="only this conversation (repeatable)"
     )
@@ -386,25 +603,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
+def resolve_protocol(args: argparse.Namespace) -> Protocol:
+    """The protocol named by ``--protocol`` with the QA flags given as recorded overrides."""
+    mix = None if args.type_mix is None else parse_type_mix(args.type_mix)
+    return get_protocol(args.protocol).with_overrides(
+        qa_model=args.model,
+        qa_per_session=args.per_session,
+        qa_temperature=args.temperature,
+        qa_max_attempts=args.max_attempts,
+        qa_memory_scope=args.max_memories,
+        qa_type_mix=mix,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    from membuilder.prompt_templates import load_prompt_templates, use_templates
+
     setup_logging(getattr(args, "verbose", False))
+    try:
+        protocol = resolve_protocol(args)
+        templates = load_prompt_templates(args.prompt_templates) if args.prompt_templates else None
+    except (ValueError, MembuilderError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.model = protocol.qa_model
+    scope = protocol.qa_memory_scope
     cache_dir = resolve_cache_dir(args.cache_dir, args.trajectories / ".llm_cache")
 
-    async def main() -> dict[str, int]:
+    async def main() -> dict[str, Any]:
         llm = make_llm(args, cache_dir)
         try:
-            return await generate_qa(
-                args.trajectories,
-                llm,
-                n=args.per_session,
-                model=args.model,
-                max_attempts=args.max_attempts,
-                max_memories=args.max_memories,
-                skip_existing=args.skip_existing,
-                overwrite=args.overwrite,
-                workers=args.workers,
-                conversation_ids=args.conv_id,
-            )
+            with use_templates(templates):
+                return await generate_qa(
+                    args.trajectories,
+                    llm,
+                    n=protocol.qa_per_session,
+                    model=protocol.qa_model,
+                    max_attempts=protocol.qa_max_attempts,
+                    max_memories=None if scope == "all" else int(scope),
+                    temperature=protocol.qa_temperature,
+                    type_mix=dict(protocol.qa_type_mix),
+                    protocol=protocol,
+                    skip_existing=args.skip_existing,
+                    overwrite=args.overwrite,
+                    workers=args.workers,
+                    conversation_ids=args.conv_id,
+                )
         finally:
             await llm.aclose()
 
@@ -413,5 +657,6 @@ def run(args: argparse.Namespace) -> int:
     except MembuilderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    counts["protocol"] = protocol.label
     print(json.dumps(counts, sort_keys=True))
     return 0

