@@ -172,7 +172,9 @@ def join_audit(audit_path: str | Path, locomo_path: str | Path) -> dict[str, Aud
             )
         if "category" in e and str(e["category"]) != str(q.get("category")):
             raise AuditError(
-                audit_path, f"{where}.category", f"{aid}: category {e['category']} vs {q.get('category')} in the dataset"
+                audit_path,
+                f"{where}.category",
+                f"{aid}: category {e['category']} vs {q.get('category')} in the dataset",
             )
         for key in ("error_type", "correct_answer"):
             if not isinstance(e.get(key), (str, int, float)):
@@ -190,7 +192,9 @@ def join_audit(audit_path: str | Path, locomo_path: str | Path) -> dict[str, Aud
             golden_answer=str(e.get("golden_answer", q.get("answer", ""))),
             correct_answer=str(e["correct_answer"]),
             cited_evidence=_evidence_list(e.get("cited_evidence", []), audit_path, f"{where}.cited_evidence"),
-            correct_evidence=_evidence_list(e.get("correct_evidence"), audit_path, f"{where}.correct_evidence"),
+            correct_evidence=_evidence_list(
+                e.get("correct_evidence"), audit_path, f"{where}.correct_evidence"
+            ),
         )
     return out
 

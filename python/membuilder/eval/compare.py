@@ -40,8 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="accuracy (judge labels) or recall (evidence hit within top k); auto: accuracy when "
         "both runs were judged, else recall",
     )
-    p.add_argument("--level", choices=("turn", "session"), help="evidence level (default: run A's primary level)")
-    p.add_argument("--k", type=int, action="append", help="recall@k to compare (repeat; default: every k of both runs)")
+    p.add_argument(
+        "--level", choices=("turn", "session"), help="evidence level (default: run A's primary level)"
+    )
+    p.add_argument(
+        "--k", type=int, action="append", help="recall@k to compare (repeat; default: every k of both runs)"
+    )
     p.add_argument(
         "--gold",
         choices=("original", "audited", "both"),
@@ -100,7 +104,9 @@ def _outcome(r: Mapping[str, Any], metric: str, level: str, k: int | None) -> in
     return int(rank is not None and rank <= int(k or 0))
 
 
-def _check(sa: Mapping[str, Any], sb: Mapping[str, Any], ids_a: set[str], ids_b: set[str], force: bool) -> list[str]:
+def _check(
+    sa: Mapping[str, Any], sb: Mapping[str, Any], ids_a: set[str], ids_b: set[str], force: bool
+) -> list[str]:
     """Reasons the runs are not comparable as they are (raises unless ``force``)."""
     problems = []
     da, db = sa.get("dataset", {}).get("name"), sb.get("dataset", {}).get("name")
@@ -114,7 +120,11 @@ def _check(sa: Mapping[str, Any], sb: Mapping[str, Any], ids_a: set[str], ids_b:
     if pa != pb:
         problems.append(f"different protocols ({json.dumps(pa)} vs {json.dumps(pb)})")
     if problems and not force:
-        raise CompareError("runs are not comparable: " + "; ".join(problems) + " (pass --force to compare their common questions)")
+        raise CompareError(
+            "runs are not comparable: "
+            + "; ".join(problems)
+            + " (pass --force to compare their common questions)"
+        )
     return problems
 
 
@@ -163,7 +173,9 @@ def compare_runs(
         rows_b = [by_b[q] for q in common]
         if g == "audited":
             if not any("audit_error_type" in r for r in rows_a + rows_b):
-                raise CompareError("--gold audited: these runs recorded no audited gold (run eval with --gold both)")
+                raise CompareError(
+                    "--gold audited: these runs recorded no audited gold (run eval with --gold both)"
+                )
             rows_a, rows_b = _audited(rows_a), _audited(rows_b)
             keep = {r["question_id"] for r in rows_a} & {r["question_id"] for r in rows_b}
             rows_a = [r for r in rows_a if r["question_id"] in keep]
@@ -236,9 +248,12 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"- B: `{result['run_b']}` (embedder `{result['embedders']['b']}`)",
         f"- dataset {result['dataset']}, {result['questions']} paired questions; metric: {result['metric']}"
         + (f" at {result['level']} level" if result["level"] else ""),
-        "- per run: rate in % with its Wilson 95% interval; Δ = A − B in points with its paired bootstrap "
-        f"95% interval ({result['method']['iters']} replicates, seed {result['method']['seed']}); "
-        "McNemar: exact two-sided p; distinguishable: the bootstrap interval excludes 0",
+        (
+            "- per run: rate in % with its Wilson 95% interval; Δ = A − B in points with its paired "
+            f"bootstrap 95% interval ({result['method']['iters']} replicates, seed "
+            f"{result['method']['seed']}); McNemar: exact two-sided p; distinguishable: the bootstrap "
+            "interval excludes 0"
+        ),
     ]
     if result["forced_over"]:
         lines.append("- **forced** over: " + "; ".join(result["forced_over"]))

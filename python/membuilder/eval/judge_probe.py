@@ -61,11 +61,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", choices=PROVIDERS, default="openai", help="openai | vllm | compatible")
     p.add_argument("--base-url", help="endpoint, e.g. http://localhost:8000/v1")
     p.add_argument("--api-key", help="API key (default: OPENAI_API_KEY); never written anywhere")
-    p.add_argument("--judge-rounds", type=_positive, default=1, metavar="K", help="majority of K rounds per item")
+    p.add_argument(
+        "--judge-rounds", type=_positive, default=1, metavar="K", help="majority of K rounds per item"
+    )
     p.add_argument("--conv-id", action="append", help="only these LoCoMo samples (repeat or comma-separate)")
     p.add_argument("--limit", type=_positive, metavar="N", help="at most N items per set (in file order)")
-    p.add_argument("--sets", default="specific_wrong,vague_wrong,gold", help="which sets (default: all three)")
-    p.add_argument("--output-dir", type=Path, help="where judge_probe.json/.md go (default: runs/judge-probe/<model>)")
+    p.add_argument(
+        "--sets", default="specific_wrong,vague_wrong,gold", help="which sets (default: all three)"
+    )
+    p.add_argument(
+        "--output-dir", type=Path, help="where judge_probe.json/.md go (default: runs/judge-probe/<model>)"
+    )
     p.add_argument("--cache-dir", type=Path, help="LLM response cache (default: <output-dir>/llm_cache)")
     p.add_argument("--no-cache", action="store_true", help="do not cache judge replies")
     p.add_argument("--max-concurrent-requests", type=_positive, default=16, help="requests in flight")
@@ -76,7 +82,11 @@ class ProbeError(ValueError):
 
 
 def load_probe_items(
-    audit_dir: Path, locomo_path: Path, sets: Sequence[str], conv_ids: Sequence[str] = (), limit: int | None = None
+    audit_dir: Path,
+    locomo_path: Path,
+    sets: Sequence[str],
+    conv_ids: Sequence[str] = (),
+    limit: int | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """The items of each probe set: ``{question_id, question, gold, answer, category}``; the
     ``gold`` set answers every category 1-4 question with its own gold answer."""
@@ -97,7 +107,9 @@ def load_probe_items(
         if fname is None:
             for sample in data:
                 for j, q in enumerate(sample.get("qa", [])):
-                    if q.get("category") in (1, 2, 3, 4) and (not wanted or sample.get("sample_id") in wanted):
+                    if q.get("category") in (1, 2, 3, 4) and (
+                        not wanted or sample.get("sample_id") in wanted
+                    ):
                         items.append(
                             {
                                 "question_id": locomo_question_id(str(sample.get("sample_id")), j),
@@ -117,7 +129,9 @@ def load_probe_items(
                 for n, e in enumerate(group if isinstance(group, list) else []):
                     where = f"detailed_results.{key}[{n}]"
                     sample, j, q = locate_question(e.get("question_id"), data, locomo_path, path, where)
-                    if " ".join(str(q.get("question", "")).split()) != " ".join(str(e.get("question", "")).split()):
+                    if " ".join(str(q.get("question", "")).split()) != " ".join(
+                        str(e.get("question", "")).split()
+                    ):
                         raise ProbeError(f"{path}: {where}: question text differs from {locomo_path}")
                     if wanted and sample.get("sample_id") not in wanted:
                         continue
@@ -179,8 +193,11 @@ def markdown(result: Mapping[str, Any]) -> str:
         "# membuilder judge-probe",
         "",
         f"- judge model `{j['model']}`, prompt version `{j['prompt_version']}`, rounds {j['rounds']}",
-        "- share of items the judge labelled CORRECT, in % with its Wilson 95% interval; on the wrong "
-        "sets that is the false-accept rate (sound: ~0%), on the gold answers the true-accept rate (sound: ~100%)",
+        (
+            "- share of items the judge labelled CORRECT, in % with its Wilson 95% interval; on the wrong "
+            "sets that is the false-accept rate (sound: ~0%), on the gold answers the true-accept rate "
+            "(sound: ~100%)"
+        ),
         "",
     ]
     cats = sorted({c for s in result["sets"].values() for c in s["by_category"]})
@@ -216,7 +233,12 @@ def run(args: argparse.Namespace) -> int:
             raise ProbeError("nothing to probe: the selection holds no item")
         cache = None if args.no_cache else (args.cache_dir or out / "llm_cache")
         cfg = LLMConfig.from_env_and_args(
-            args.provider, args.base_url, args.api_key, model, cache_dir=cache, max_concurrency=args.max_concurrent_requests
+            args.provider,
+            args.base_url,
+            args.api_key,
+            model,
+            cache_dir=cache,
+            max_concurrency=args.max_concurrent_requests,
         )
     except (ProbeError, DatasetError, InvalidArgumentError) as e:
         print(f"membuilder judge-probe: error: {e}", file=sys.stderr)
@@ -242,7 +264,12 @@ def run(args: argparse.Namespace) -> int:
             "prompt_version": judge_prompt_version(),
             "rounds": args.judge_rounds,
         },
-        "data": {"locomo": str(args.data_path), "audit_dir": str(audit_dir), "conv_ids": conv_ids, "limit": args.limit},
+        "data": {
+            "locomo": str(args.data_path),
+            "audit_dir": str(audit_dir),
+            "conv_ids": conv_ids,
+            "limit": args.limit,
+        },
         "sets": sets_summary,
         "rates": {f"{n} ({s['rate']})": s["overall"] for n, s in sets_summary.items()},
         "usage": usage,
@@ -252,9 +279,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "judge_probe.json", result)
     with open(out / "judge_probe_items.jsonl", "w", encoding="utf-8") as f:
-        for name, its in judged.items():
-            for i in its:
-                f.write(json.dumps({"set": name, **i}, ensure_ascii=False) + "\n")
+        f.writelines(
+            json.dumps({"set": name, **i}, ensure_ascii=False) + "\n"
+            for name, its in judged.items()
+            for i in its
+        )
     md = markdown(result)
     (out / "judge_probe.md").write_text(md, encoding="utf-8")
     print(md)

@@ -85,7 +85,8 @@ class RoundsJudge:
                 final.error = None
             final.attempts = sum(r.attempts for r in results)
             final.usage = {
-                k: sum(int(r.usage.get(k, 0)) for r in results) for k in ("prompt_tokens", "completion_tokens")
+                k: sum(int(r.usage.get(k, 0)) for r in results)
+                for k in ("prompt_tokens", "completion_tokens")
             }
         readable = [x for x in labels if x is not None]
         final.rounds = labels

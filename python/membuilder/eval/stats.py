@@ -125,7 +125,10 @@ def mcnemar(a: Sequence[bool | int], b: Sequence[bool | int]) -> dict[str, Any]:
     else:
         t = min(a_only, b_only)
         # Sum in log space: m can be in the thousands, where 2**-m underflows.
-        logs = [math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) - m * math.log(2) for i in range(t + 1)]
+        logs = [
+            math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) - m * math.log(2)
+            for i in range(t + 1)
+        ]
         top = max(logs)
         p = min(1.0, 2.0 * math.exp(top) * sum(math.exp(x - top) for x in logs))
     return {"a_only": a_only, "b_only": b_only, "p_value": p}

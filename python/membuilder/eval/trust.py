@@ -133,9 +133,7 @@ async def finish_answer_record(
             for k in ("prompt_tokens", "completion_tokens"):
                 u[k] = int(u.get(k, 0)) + int(v.usage.get(k, 0))
         rec["audited"] = audited
-    costs = {
-        role: _cost(runner.clients.get(role), u) for role, u in usages.items()
-    }
+    costs = {role: _cost(runner.clients.get(role), u) for role, u in usages.items()}
     rec["usage"] = {
         "prompt_tokens": sum(int(u.get("prompt_tokens", 0)) for u in usages.values()),
         "completion_tokens": sum(int(u.get("completion_tokens", 0)) for u in usages.values()),
@@ -152,7 +150,9 @@ async def finish_answer_record(
 # ---------------------------------------------------------------------------------------------
 
 
-def unit_metrics(records: Sequence[Mapping[str, Any]], dataset: str, ks: Sequence[int], level: str) -> dict[str, Any]:
+def unit_metrics(
+    records: Sequence[Mapping[str, Any]], dataset: str, ks: Sequence[int], level: str
+) -> dict[str, Any]:
     """Per-unit blocks (headline questions of each conversation / character), or a pointer to
     ``by_category`` for LongMemEval, whose unit is the question type."""
     from membuilder.eval.reports import compute_metrics
@@ -320,11 +320,13 @@ def _audit_lines(summary: Mapping[str, Any]) -> list[str]:
         return [f"Audited gold: {info['note']}.", ""]
     types = ", ".join(f"{k} {v}" for k, v in sorted(info["in_run_by_type"].items()))
     lines = [
-        f"Audit: `{Path(str(info['file'])).name}`, {info['entries']} entries, all joined to their questions; "
-        f"{info['in_run']} concern this run's questions ({types or 'none'}). The audited columns use the "
-        f"corrected evidence for {info['in_run_evidence_changed']} questions and the corrected answer for "
-        f"{info['in_run_answer_changed']}; the {len(info['in_run_ambiguous'])} AMBIGUOUS questions are left "
-        "out of the audited columns and shown below.",
+        (
+            f"Audit: `{Path(str(info['file'])).name}`, {info['entries']} entries, all joined to their questions; "
+            f"{info['in_run']} concern this run's questions ({types or 'none'}). The audited columns use the "
+            f"corrected evidence for {info['in_run_evidence_changed']} questions and the corrected answer for "
+            f"{info['in_run_answer_changed']}; the {len(info['in_run_ambiguous'])} AMBIGUOUS questions are left "
+            "out of the audited columns and shown below."
+        ),
         "",
     ]
     amb = info.get("ambiguous")
@@ -416,7 +418,16 @@ def _usage_section(summary: Mapping[str, Any]) -> list[str]:
     for key, name in names.items():
         d = u.get(key)
         if d:
-            rows.append([name, str(d["n"]), f"{d['mean']:.4g}", f"{d['p50']:.4g}", f"{d['p95']:.4g}", f"{d['total']:.4g}"])
+            rows.append(
+                [
+                    name,
+                    str(d["n"]),
+                    f"{d['mean']:.4g}",
+                    f"{d['p50']:.4g}",
+                    f"{d['p95']:.4g}",
+                    f"{d['total']:.4g}",
+                ]
+            )
     if not rows:
         return []
     lines += _table(["", "n", "mean", "median", "p95", "total"], rows)
