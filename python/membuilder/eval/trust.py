@@ -324,11 +324,16 @@ def _audit_lines(summary: Mapping[str, Any]) -> list[str]:
             f"Audit: `{Path(str(info['file'])).name}`, {info['entries']} entries, all joined to their questions; "
             f"{info['in_run']} concern this run's questions ({types or 'none'}). The audited columns use the "
             f"corrected evidence for {info['in_run_evidence_changed']} questions and the corrected answer for "
-            f"{info['in_run_answer_changed']}; the {len(info['in_run_ambiguous'])} AMBIGUOUS questions are left "
-            "out of the audited columns and shown below."
+            f"{info['in_run_answer_changed']}."
         ),
         "",
     ]
+    n_amb = len(info["in_run_ambiguous"])
+    if n_amb:
+        lines[-2] += (
+            f" The {n_amb} questions the audit marks AMBIGUOUS are left out of the audited columns and "
+            "shown here on their own:"
+        )
     amb = info.get("ambiguous")
     if amb:
         m = summary["metrics"]
