@@ -489,3 +489,75 @@ def test_eval_report_names_judge_rounds_probe_and_audited_accuracy(
     assert "scripted-model" in report and j["prompt_version"] in report
     assert "judge_probe.json" in report and "accuracy % audited" in report
     assert summary["per_question"]["prompt_tokens"]["n"] == len(res)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-unit rows and judging rounds
+# ---------------------------------------------------------------------------------------------
+
+
+def test_units_per_character_and_per_question_type(longmemeval_dir: Path, tmp_path: Path) -> None:
+    fixture = Path(__file__).parent / "fixtures" / "perltqa"
+    out = tmp_path / "p"
+    argv = ["--dataset", "perltqa", "--data-path", str(fixture), "--mode", "retrieval", "--builder", "raw"]
+    assert _eval([*argv, "--embedder", "hash", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    units = summary["metrics"]["by_unit"]
+    res = read_jsonl(out / "results.jsonl")
+    assert units["unit"] == "character" and set(units["rows"]) == {r["conversation_id"] for r in res}
+    for unit, block in units["rows"].items():
+        assert block["questions"] == sum(1 for r in res if r["conversation_id"] == unit and r["headline"])
+    assert "metrics_audited" not in summary and summary["gold"] == "original"
+    assert "Per character" in (out / "report.md").read_text()
+
+    lme = tmp_path / "lme"
+    argv = ["--dataset", "longmemeval", "--data-path", str(longmemeval_dir / "longmemeval_oracle.json")]
+    argv += ["--questions", "3", "--mode", "retrieval", "--builder", "raw", "--embedder", "hash"]
+    assert _eval([*argv, "--output-dir", str(lme)]) == 0
+    units = json.loads((lme / "summary.json").read_text())["metrics"]["by_unit"]
+    assert units == {"unit": "question_type", "same_as": "by_category"}
+
+
+class _Verdict:
+    def __init__(self, correct: bool | None) -> None:
+        self.correct, self.raw, self.error, self.attempts = correct, None, None, 1
+        self.usage = {"prompt_tokens": 10, "completion_tokens": 1}
+
+
+class _FakeJudge:
+    """Replies with a scripted label per round: round r's copy holds a client seeded with r."""
+
+    def __init__(self, labels: dict[int | None, bool | None]) -> None:
+        self.labels = labels
+        self.llm = self
+        self.model = "m"
+        self.seen: list[int | None] = []
+
+    async def judge(self, question: str, gold: object, answer: str) -> _Verdict:
+        seed = getattr(self.llm, "seed", None)
+        self.seen.append(seed)
+        return _Verdict(self.labels[seed])
+
+
+@pytest.mark.parametrize(
+    ("labels", "correct", "agreement"),
+    [
+        ({None: True, 1: True, 2: False}, True, False),
+        ({None: False, 1: None, 2: False}, False, True),
+        ({None: True, 1: False}, None, False),  # a tie is not a label
+        ({None: True, 1: True, 2: True}, True, True),
+    ],
+)
+def test_rounds_judge_majority(
+    labels: dict[int | None, bool | None], correct: bool | None, agreement: bool
+) -> None:
+    import asyncio
+
+    from membuilder.eval.judging import RoundsJudge
+
+    inner = _FakeJudge(labels)
+    rj = RoundsJudge(inner, rounds=len(labels))
+    v = asyncio.run(rj.judge("q", "g", "a"))
+    assert inner.seen == list(labels)  # round 0 is the plain request, round r carries seed r
+    assert v.rounds == list(labels.values()) and v.correct is correct and v.agreement is agreement
+    assert v.usage["prompt_tokens"] == 10 * len(labels)
