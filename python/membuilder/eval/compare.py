@@ -30,6 +30,16 @@ class CompareError(ValueError):
     """Runs that cannot be compared (the message is the one line shown to the user)."""
 
 
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_a", type=Path, metavar="RUN_A", help="output directory of one eval run")
     p.add_argument("run_b", type=Path, metavar="RUN_B", help="output directory of the other")
@@ -44,7 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--level", choices=("turn", "session"), help="evidence level (default: run A's primary level)"
     )
     p.add_argument(
-        "--k", type=int, action="append", help="recall@k to compare (repeat; default: every k of both runs)"
+        "--k",
+        type=_positive,
+        action="append",
+        help="recall@k to compare (repeat; default: every k of both runs)",
     )
     p.add_argument(
         "--gold",
@@ -52,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="original",
         help="LoCoMo: compare on the original gold, on the audited gold, or both",
     )
-    p.add_argument("--iters", type=int, default=10_000, help="bootstrap replicates (default 10000)")
+    p.add_argument("--iters", type=_positive, default=10_000, help="bootstrap replicates (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--force", action="store_true", help="compare the common questions of runs that differ")
     p.add_argument("--format", choices=("markdown", "json"), default="markdown", help="what to print")

@@ -217,6 +217,7 @@ def markdown(result: Mapping[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from membuilder._core import InvalidArgumentError
     from membuilder.eval._files import write_json_atomic
+    from membuilder.eval.audit import default_audit_path
     from membuilder.eval.datasets import DatasetError
     from membuilder.eval.judging import RoundsJudge, judge_prompt_version
     from membuilder.judge import Judge
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.judge_model
     out = args.output_dir or Path("runs") / "judge-probe" / model.replace("/", "_")
-    audit_dir = args.audit_dir or args.data_path.parent.parent / "locomo_audit"
+    audit_dir = args.audit_dir or default_audit_path(args.data_path).parent
     conv_ids = [x.strip() for v in args.conv_id or [] for x in v.split(",") if x.strip()]
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     try:
