@@ -56,8 +56,8 @@ def add_trust_arguments(p: argparse.ArgumentParser) -> None:
         "--gold",
         choices=GOLD_CHOICES,
         default="both",
-        help="LoCoMo: score on the original gold, the audited gold, or both (default: both; the "
-        "audited gold needs the audit file)",
+        help="LoCoMo: original (no audit), both (default: the audited columns beside the original ones "
+        "when the audit file is found) or audited (the same, but a missing audit file is an error)",
     )
     g.add_argument(
         "--audit-file",
