@@ -13,6 +13,7 @@ from membuilder.eval.checkpoint import BUILD_KEYS, MemoryStore, safe_name
 from membuilder.eval.datasets import Conversation, Question, Session, Turn
 from membuilder.eval.evidence import evidence_ranks, question_evidence, recall_at, recall_table
 from membuilder.eval.reports import compute_metrics, markdown_report, write_chart
+from membuilder.eval.stats import proportion
 
 
 def _rec(qid: str, cat: str, *, turn=None, session=None, correct=None, headline=True, answer=True, **kw):
@@ -51,7 +52,8 @@ def test_recall_counts_only_questions_with_evidence() -> None:
         _rec("d", "x", turn=7),
     ]
     t = recall_table(records, [1, 5, 10], "turn")
-    assert t == {"n": 3, "recall@1": 1 / 3, "recall@5": 1 / 3, "recall@10": 2 / 3}
+    ci = {f"recall@{k}": proportion(h, 3)["ci95"] for k, h in ((1, 1), (5, 1), (10, 2))}
+    assert t == {"n": 3, "recall@1": 1 / 3, "recall@5": 1 / 3, "recall@10": 2 / 3, "ci95": ci}
 
 
 def test_metrics_headline_judge_failures_and_categories() -> None:
@@ -68,7 +70,9 @@ def test_metrics_headline_judge_failures_and_categories() -> None:
     assert (a["n"], a["judged"], a["judge_failed"], a["correct"]) == (3, 2, 1, 1)
     assert a["accuracy"] == 0.5  # failures are not counted as right or wrong
     assert a["exact_match"] == pytest.approx(1 / 3) and a["f1"] == pytest.approx(2 / 3)
-    assert o["recall"]["turn"] == {"n": 3, "recall@1": 1 / 3, "recall@5": 2 / 3}
+    ci = {"recall@1": proportion(1, 3)["ci95"], "recall@5": proportion(2, 3)["ci95"]}
+    assert o["recall"]["turn"] == {"n": 3, "recall@1": 1 / 3, "recall@5": 2 / 3, "ci95": ci}
+    assert a["accuracy_ci95"] == proportion(1, 2)["ci95"]
     assert list(m["by_category"]) == ["temporal", "single-hop", "adversarial"]  # LoCoMo order
     assert m["by_category"]["adversarial"]["answer"]["accuracy"] == 1.0
     assert m["all_questions"]["questions"] == 4 and m["abstention"]["questions"] == 1
@@ -87,8 +91,10 @@ def test_metrics_headline_judge_failures_and_categories() -> None:
         "timings": {"total_s": 1.0},
     }
     md = markdown_report(summary)
-    assert "| **overall (headline)** | 3 | 50.0 | 2 |" in md
-    assert "| adversarial | 1 | 100.0 |" in md
+    lo, hi = (100 * x for x in proportion(1, 2)["ci95"])
+    assert f"| **overall (headline)** | 3 | 50.0 [{lo:.1f}, {hi:.1f}] | 2 |" in md
+    lo, hi = (100 * x for x in proportion(1, 1)["ci95"])
+    assert f"| adversarial | 1 | 100.0 [{lo:.1f}, {hi:.1f}] |" in md
     assert "left out of the headline row: adversarial" in md
 
 

@@ -17,6 +17,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "qa-gen": ("membuilder.data.qagen", "write synthetic QA for every recorded session"),
     "export-sft": ("membuilder.data.export_sft", "export trajectories as LLaMA-Factory SFT data"),
     "export-rl": ("membuilder.data.export_rl", "export sessions as veRL RL parquet"),
+    "compare": ("membuilder.eval.compare", "paired comparison of two eval runs over the same questions"),
+    "judge-probe": (
+        "membuilder.eval.judge_probe",
+        "measure the judge on wrong and gold answers (LoCoMo audit)",
+    ),
 }
 
 

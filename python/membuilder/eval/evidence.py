@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from membuilder.eval.datasets import Conversation, Question
+from membuilder.eval.stats import proportion
 
 LEVELS = ("turn", "session")
 
@@ -64,7 +65,8 @@ def recall_at(ranks: Iterable[int | None], k: int) -> float | None:
 
 
 def recall_table(records: Iterable[Mapping[str, Any]], ks: Sequence[int], level: str) -> dict[str, Any]:
-    """``{"n": evaluable questions, "recall@k": share, ...}`` over result records at ``level``."""
+    """``{"n": evaluable questions, "recall@k": share, ..., "ci95": {"recall@k": [lo, hi]}}`` over
+    result records at ``level`` (Wilson 95% intervals)."""
     ranks = [
         r["evidence_ranks"][level]
         for r in records
@@ -73,4 +75,9 @@ def recall_table(records: Iterable[Mapping[str, Any]], ks: Sequence[int], level:
     table: dict[str, Any] = {"n": len(ranks)}
     for k in ks:
         table[f"recall@{k}"] = recall_at(ranks, k)
+    # Each recall is a proportion over n questions: its Wilson 95% interval (stats).
+    table["ci95"] = {
+        f"recall@{k}": proportion(sum(1 for r in ranks if r is not None and r <= k), len(ranks))["ci95"]
+        for k in ks
+    }
     return table

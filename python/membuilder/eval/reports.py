@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from membuilder.eval.evidence import LEVELS, recall_table
+from membuilder.eval.stats import proportion
+from membuilder.eval.trust import pct_ci
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -36,6 +38,7 @@ def answer_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "exact_match": _mean([float(r["exact_match"]) for r in answered if r.get("exact_match") is not None]),
         "f1": _mean([float(r["f1"]) for r in answered if r.get("f1") is not None]),
     }
+    out["accuracy_ci95"] = proportion(out["correct"], out["judged"])["ci95"]  # Wilson, over judged
     return out
 
 
@@ -126,7 +129,7 @@ def markdown_report(summary: Mapping[str, Any]) -> str:
         )
     lines.append(
         f"- evidence recall at **{level}** level (a top-k memory was built from an "
-        f"evidence {level}); R@k in %"
+        f"evidence {level}); R@k and accuracy in % with their Wilson 95% interval in brackets"
     )
     t = summary.get("timings", {})
     if t:
@@ -145,9 +148,11 @@ def markdown_report(summary: Mapping[str, Any]) -> str:
         cells = [name, str(b["questions"])]
         if answered:
             a = b["answer"]
-            cells += [_pct(a["accuracy"]), str(a["judged"]), _pct(a["exact_match"]), _pct(a["f1"])]
+            acc = pct_ci(a["accuracy"], a.get("accuracy_ci95"))
+            cells += [acc, str(a["judged"]), _pct(a["exact_match"]), _pct(a["f1"])]
         rec = b["recall"][level]
-        cells += [str(rec["n"])] + [_pct(rec.get(f"recall@{k}")) for k in ks]
+        ci = rec.get("ci95") or {}
+        cells += [str(rec["n"])] + [pct_ci(rec.get(f"recall@{k}"), ci.get(f"recall@{k}")) for k in ks]
         return "| " + " | ".join(cells) + " |"
 
     for cat, b in m["by_category"].items():
@@ -161,7 +166,10 @@ def markdown_report(summary: Mapping[str, Any]) -> str:
         if rec["n"]:
             lines.append(
                 f"Evidence recall at {lv} level (headline, n={rec['n']}): "
-                + ", ".join(f"R@{k} {_pct(rec.get(f'recall@{k}'))}%" for k in ks)
+                + ", ".join(
+                    f"R@{k} {pct_ci(rec.get(f'recall@{k}'), (rec.get('ci95') or {}).get(f'recall@{k}'))}%"
+                    for k in ks
+                )
             )
             lines.append("")
     usage = summary.get("usage") or {}

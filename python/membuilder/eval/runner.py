@@ -53,7 +53,15 @@ from membuilder.eval.datasets import (
     read_id_list,
 )
 from membuilder.eval.evidence import evidence_ranks, question_evidence
+from membuilder.eval.judging import RoundsJudge
 from membuilder.eval.reports import compute_metrics, markdown_report, write_chart
+from membuilder.eval.trust import (
+    add_trust_arguments,
+    extend_summary,
+    finish_answer_record,
+    provenance_record,
+    trust_sections,
+)
 from membuilder.prompt_templates import (
     PromptTemplateError,
     add_prompt_templates_argument,
@@ -88,6 +96,8 @@ RESUME_KEYS = (
     "top_k",
     "update_mode",
     "include_adversarial",
+    "gold",
+    "judge_rounds",
 )
 
 
@@ -246,6 +256,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", "-v", action="store_true", help="log every session and answer")
+    add_trust_arguments(p)
 
 
 @dataclass
@@ -289,6 +300,9 @@ class EvalConfig:
     concurrency: int = 4
     progress: bool = True
     verbose: bool = False
+    gold: str = "both"
+    audit_file: Path | None = None
+    judge_rounds: int = 1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvalConfig:
@@ -344,6 +358,9 @@ class EvalConfig:
             concurrency=args.concurrency,
             progress=not args.no_progress,
             verbose=args.verbose,
+            gold=args.gold,
+            audit_file=args.audit_file,
+            judge_rounds=args.judge_rounds,
         )
 
     # -- derived settings ------------------------------------------------------------------
@@ -526,6 +543,9 @@ class Runner:
         self.states: dict[str, MemoryState] = {}
         self.sessions_built = 0
         self.embedder: Any = None
+        self.audit: dict[str, Any] | None = None
+        self.audit_path: Path | None = None
+        self.audit_note: str | None = None
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -608,6 +628,11 @@ class Runner:
         ds = select_dataset(cfg)
         if not ds.conversations:
             raise InvalidArgumentError("nothing to evaluate: the selection holds no conversation")
+        from membuilder.eval.audit import load_joined_audit
+
+        self.audit, self.audit_path, self.audit_note = load_joined_audit(
+            cfg.gold, cfg.audit_file, cfg.data_path, cfg.dataset
+        )
         self.embedder = make_embedder(cfg.embedder, cache_dir=cfg.embed_cache_dir)
         try:
             # Create every client now: a missing key should fail before hours of building, not after.
@@ -765,15 +790,25 @@ class Runner:
                 for start in range(0, len(qs), chunk):
                     part = qs[start : start + chunk]
                     texts = [q.question for q in part]
+                    t0 = time.perf_counter()
                     vecs = np.ascontiguousarray(await self.embedder.aembed_queries(texts), dtype=np.float32)
                     self.query_memo.update(zip(texts, vecs))
                     ids, scores, _kinds = state.search_batch(vecs, kmax)
+                    per_question_s = (time.perf_counter() - t0) / len(part)
                     for i, q in enumerate(part):
                         row = [int(x) for x in ids[i] if x >= 0]
                         provs = [state.get(x).provenance for x in row]
                         ev_turns, ev_sessions = question_evidence(q, conv)
                         rec = _question_record(q, cfg)
                         rec["evidence_ranks"] = evidence_ranks(provs, ev_turns, ev_sessions)
+                        if self.audit is not None and q.id in self.audit:
+                            from membuilder.eval.audit import audited_evidence
+
+                            audited = audited_evidence(self.audit[q.id], conv)
+                            rec["evidence_ranks_audited"] = evidence_ranks(provs, *audited)
+                            rec["audit_error_type"] = self.audit[q.id].error_type
+                        rec["retrieved_provenance"] = [provenance_record(p) for p in provs]
+                        rec["retrieval_s"] = round(per_question_s, 6)  # its share of the batch
                         rec["retrieved_ids"] = row
                         rec["retrieved_scores"] = [
                             round(float(s), 6) for s, x in zip(scores[i], ids[i]) if x >= 0
@@ -800,6 +835,7 @@ class Runner:
             from membuilder.judge import Judge
 
             judge = Judge(self._client("judge"), model=cfg.the_judge_model)
+            judge = RoundsJudge(judge, cfg.judge_rounds)
         convs = {c.id: c for c in ds.conversations}
         sem = asyncio.Semaphore(cfg.concurrency)
         bar = _Bar(cfg.progress, len(pending), "answer questions")
@@ -807,6 +843,7 @@ class Runner:
 
             async def one(q: Question) -> None:
                 async with sem:
+                    t0 = time.perf_counter()
                     state = self._state(convs[q.conversation_id])
                     a = await answerer.answer(state, q.question, q.asked_at)
                     rec = dict(retrieved[q.id])
@@ -822,6 +859,7 @@ class Runner:
                         rec.update(judge_correct=j.correct, judge_raw=j.raw, judge_error=j.error)
                     else:
                         rec.update(judge_correct=None)
+                    await finish_answer_record(rec, q, a, judge, j if judge is not None else None, self, t0)
                     results.append(rec)
                     bar.update(1)
                     if cfg.verbose:
@@ -883,9 +921,11 @@ class Runner:
         }
         if cfg.mode != "build":
             summary["metrics"] = compute_metrics(records, ks=cfg.recall_k, level=cfg.primary_level)
+            extend_summary(summary, records, self)
         write_json_atomic(cfg.output_dir / "summary.json", summary)
         if "metrics" in summary:
-            (cfg.output_dir / "report.md").write_text(markdown_report(summary), encoding="utf-8")
+            report = markdown_report(summary) + trust_sections(summary)
+            (cfg.output_dir / "report.md").write_text(report, encoding="utf-8")
             write_chart(summary, cfg.output_dir / "chart.png")
         return summary
 
