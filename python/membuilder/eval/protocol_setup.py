@@ -90,6 +90,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--agent-top-k", type=_positive, metavar="K", help="k of --agent-retrieval (20)")
     g.add_argument(
+        "--answer-max-tokens",
+        type=_positive,
+        metavar="N",
+        help="cap on an answer's tokens (paper 4096, the reference client's default; membuilder 256)",
+    )
+    g.add_argument(
         "--json-mode-fallback",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -162,6 +168,7 @@ def resolve(args: argparse.Namespace) -> Protocol:
         longmemeval_file=lme_file if args.dataset == "longmemeval" else None,
         agent_retrieval=args.agent_retrieval,
         agent_top_k=args.agent_top_k,
+        answer_max_tokens=args.answer_max_tokens,
         json_mode_fallback=args.json_mode_fallback,
     )
 

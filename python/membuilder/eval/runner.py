@@ -864,7 +864,13 @@ class Runner:
 
         cfg = self.cfg
         embedder = _QueryMemo(self.embedder, self.query_memo)
-        answerer = Answerer(self._client("answer"), embedder, model=cfg.the_answer_model, top_k=cfg.top_k)
+        answerer = Answerer(
+            self._client("answer"),
+            embedder,
+            model=cfg.the_answer_model,
+            top_k=cfg.top_k,
+            max_tokens=cfg.protocol.answer_max_tokens,
+        )
         judge = None
         if cfg.judge == "llm":
             from membuilder.judge import Judge
