@@ -67,11 +67,12 @@ the generated answer. Label the generated answer CORRECT or WRONG.
 Grade generously. The gold answer is usually a few words; the generated answer may be much longer \
 or put differently. If it is about the same thing as the gold answer, it is CORRECT.
 For questions about time the gold answer names a date, month, year or period. A generated answer \
-that points to the same one is CORRECT, whatever the format ("7 May" or "May 7th") and even when it \
-is put relatively ("last Tuesday", "the month before") as long as it lands on it.
+that points to the same one is CORRECT, whatever the format ("14 June 2023", "June 14th", \
+"2023-06-14") and even when it is put relatively ("two weeks ago", "the Friday before") as long as \
+it lands on it.
 
-Answers saying the information is not there ("Not answerable", "there is no information", "no \
-record of it", "cannot be determined", and so on):
+Answers saying the information is not there ("Not answerable", "the memories do not say", \
+"nothing is recorded about it", "it is unknown", and the like):
 - if the gold answer also says the information is not there, such an answer is CORRECT;
 - if the gold answer gives anything specific (a name, a date, a fact, an opinion), such an answer is \
 WRONG, however it is explained.
