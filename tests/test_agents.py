@@ -528,7 +528,8 @@ def test_agent_retrieval_global_then_filter_versus_per_kind():
     far = ["tax forms due in april", "recipe for lentil soup", "quarterly budget meeting"]
     state.add_entries("episodic", near, embedder.embed_passages(near), [prov] * 3)
     state.add_entries("semantic", far, embedder.embed_passages(far), [prov] * 3)
-    state.add_entries("procedural", ["how to file taxes"], embedder.embed_passages(["how to file taxes"]), [prov])
+    taxes = ["how to file taxes"]
+    state.add_entries("procedural", taxes, embedder.embed_passages(taxes), [prov])
 
     glob = asyncio.run(retrieve_for_agents(state, embedder, session, 3, "global_then_filter"))
     per = asyncio.run(retrieve_for_agents(state, embedder, session, 3, "per_kind"))

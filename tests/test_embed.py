@@ -218,7 +218,8 @@ def test_remote_embedder_gives_up_with_llm_error_without_key():
 
 
 def test_remote_embedder_needs_a_key_for_openai(monkeypatch):
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_EMBEDDINGS_BASE_URL", "OPENAI_EMBEDDINGS_API_KEY"):
+    names = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_EMBEDDINGS_BASE_URL", "OPENAI_EMBEDDINGS_API_KEY")
+    for name in names:
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(InvalidArgumentError, match="OPENAI_API_KEY"):
         OpenAIEmbedder()

@@ -75,7 +75,9 @@ def _locomo(locomo_path: Path, out: Path, *extra: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def test_paper_locomo_conversation_all_questions_category5_as_reference(locomo_path: Path, tmp_path: Path) -> None:
+def test_paper_locomo_conversation_all_questions_category5_as_reference(
+    locomo_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "paper"
     with ScriptedOpenAIServer(MemoryResponder()) as server:
         assert _main([*_locomo(locomo_path, out), *_endpoint(server)]) == 0
@@ -94,7 +96,13 @@ def test_paper_locomo_conversation_all_questions_category5_as_reference(locomo_p
     assert summary["counts"]["questions"] == len(res) == len(raw) == 199
     assert m["overall"]["questions"] == 199 and m["excluded_from_headline"] == []
     # the reference's category names (scripts/process_locomo.py), category 5 "unknown"
-    names = {1: "single-session", 2: "temporal-reasoning", 3: "multi-session", 4: "knowledge-update", 5: "unknown"}
+    names = {
+        1: "single-session",
+        2: "temporal-reasoning",
+        3: "multi-session",
+        4: "knowledge-update",
+        5: "unknown",
+    }
     by_cat = Counter(names[q["category"]] for q in raw)
     assert {c: b["questions"] for c, b in m["by_category"].items()} == dict(by_cat)
 
@@ -103,7 +111,10 @@ def test_paper_locomo_conversation_all_questions_category5_as_reference(locomo_p
     assert [res[f"conv-26/q{j}"]["gold"] for j, q in enumerate(raw) if q["category"] == 5] == [
         str(q.get("answer", "")) for q in cat5
     ]
-    judged_gold = {_block(r.last_user_message, "question"): _block(r.last_user_message, "gold_answer") for r in judge_reqs}
+    judged_gold = {
+        _block(r.last_user_message, "question"): _block(r.last_user_message, "gold_answer")
+        for r in judge_reqs
+    }
     for q in cat5:
         assert judged_gold[" ".join(q["question"].split())] == " ".join(str(q.get("answer", "")).split())
 
@@ -158,7 +169,9 @@ class _Unreadable(MemoryResponder):
 
 
 @pytest.mark.parametrize("protocol", ["paper", "membuilder"])
-def test_unreadable_verdict_counts_as_wrong_under_paper(locomo_path: Path, tmp_path: Path, protocol: str) -> None:
+def test_unreadable_verdict_counts_as_wrong_under_paper(
+    locomo_path: Path, tmp_path: Path, protocol: str
+) -> None:
     raw = _conv26(locomo_path)["qa"]
     target = " ".join(raw[0]["question"].split())
     responder = _Unreadable(target)
@@ -235,7 +248,8 @@ def test_answer_prompt_holds_core_block_top10_and_date(locomo_path: Path, tmp_pa
         assert core is not None and first_turn in core  # the core agent's append from session 1
         memories = _block(user, "memories")
         assert memories is not None and '<memories count="10">' in user
-        assert [line.split(". ", 1)[0] for line in memories.strip().splitlines()] == [str(i) for i in range(1, 11)]
+        numbers = [line.split(". ", 1)[0] for line in memories.strip().splitlines()]
+        assert numbers == [str(i) for i in range(1, 11)]
         assert _block(user, "current_date") == last_date
         assert req.body["max_tokens"] == 4096  # the reference client's default cap: answers are not cut
     assert all(len(r["answer_retrieved_ids"]) == 10 for r in res.values())
@@ -247,14 +261,16 @@ def test_two_step_evaluation_on_two_servers(locomo_path: Path, tmp_path: Path) -
         step1 = [*_locomo(locomo_path, tmp_path / "b", "--mode", "build", "--db-path", str(db))]
         assert _main([*step1, *_endpoint(build, "trained-4b")]) == 0
         built = len(build.requests)
-        step2 = [*_locomo(locomo_path, tmp_path / "a", "--mode", "answer", "--db-path", str(db), "--questions", "3")]
+        step2 = _locomo(locomo_path, tmp_path / "a", "--mode", "answer", "--db-path", str(db))
+        step2 += ["--questions", "3"]
         assert _main([*step2, *_endpoint(answer, "gpt-4.1-mini")]) == 0
         build_tags = Counter(r.tag for r in build.requests)
         build_models = {r.model for r in build.requests}
         answer_calls = Counter((r.tag, r.model) for r in answer.requests)
     # the build server saw the build and nothing after it; the answer server only answers and verdicts
     assert sum(build_tags.values()) == built > 0
-    assert set(build_tags) <= {"agent:core", "agent:episodic", "agent:semantic", "agent:procedural", "compress:core"}
+    agents = {"agent:core", "agent:episodic", "agent:semantic", "agent:procedural", "compress:core"}
+    assert set(build_tags) <= agents
     assert answer_calls == Counter({("answer", "gpt-4.1-mini"): 3, ("judge", "gpt-4.1"): 3})
     assert build_models == {"trained-4b"}
     s = _summary(tmp_path / "a")
@@ -277,7 +293,8 @@ def test_json_mode_fallback_in_a_full_run(locomo_path: Path, tmp_path: Path) -> 
     # second session's went without it at once. The judge (another model) learnt it the same way.
     refused = [r for r in agent_calls if "response_format" in r.body]
     assert len(refused) == 4 and len(agent_calls) == 4 + 8
-    assert {plain(r.body) for r in refused} <= {plain(r.body) for r in agent_calls if "response_format" not in r.body}
+    resent = {plain(r.body) for r in agent_calls if "response_format" not in r.body}
+    assert {plain(r.body) for r in refused} <= resent
     judge_refused = [r for r in judge_calls if "response_format" in r.body]
     assert 1 <= len(judge_refused) <= 3 and len(judge_calls) == 3 + len(judge_refused)
     log = read_jsonl(out / "build_log.jsonl")
@@ -329,7 +346,8 @@ def test_longmemeval_defaults_to_s_file_and_names_missing_ids(
     s = _summary(out)
     assert s["dataset"]["source"].endswith("longmemeval_s_498.json.xz")
     assert s["dataset"]["missing_ids"] == ["gpt4_7a0daae1"] and s["counts"]["questions"] == 1
-    assert s["protocol"]["settings"]["longmemeval_file"] == "s" and "longmemeval_file" not in s["protocol"]["overrides"]
+    assert s["protocol"]["settings"]["longmemeval_file"] == "s"
+    assert "longmemeval_file" not in s["protocol"]["overrides"]
     assert "gpt4_7a0daae1" in (out / "report.md").read_text()
 
 

@@ -198,7 +198,9 @@ async def retrieve_for_agents(
     reference code does, ``memory_system.py``; the ``paper`` protocol).
     """
     if mode not in AGENT_RETRIEVAL:
-        raise InvalidArgumentError(f"agent retrieval must be one of {', '.join(AGENT_RETRIEVAL)}, got {mode!r}")
+        raise InvalidArgumentError(
+            f"agent retrieval must be one of {', '.join(AGENT_RETRIEVAL)}, got {mode!r}"
+        )
     retrieved: dict[str, list[str]] = {kind: [] for kind in BANK_KINDS}
     if k <= 0 or len(state) == 0:
         return retrieved

@@ -639,7 +639,8 @@ class Runner:
         model = {"build": cfg.model, "answer": cfg.the_answer_model, "judge": cfg.the_judge_model}[role]
         provider, base_url, api_key = cfg.provider, cfg.base_url, cfg.api_key
         judge_provider = cfg.judge_provider
-        if judge_provider is None and cfg.provider == "vllm" and cfg.protocol.judge_endpoint_with_vllm == "api":
+        api_judge = cfg.protocol.judge_endpoint_with_vllm == "api"
+        if judge_provider is None and cfg.provider == "vllm" and api_judge:
             # A vLLM server serves the model under test only; the judge goes to the API.
             judge_provider = "openai"
         if role == "judge" and judge_provider and judge_provider != cfg.provider:
