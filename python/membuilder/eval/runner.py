@@ -45,6 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from membuilder._core import InvalidArgumentError, MembuilderError, MemoryState
+from membuilder.eval import protocol_setup
 from membuilder.eval._files import JsonlAppender, read_jsonl, write_json_atomic
 from membuilder.eval.checkpoint import ANSWER_KEYS, BUILD_KEYS, MemoryStore
 from membuilder.eval.datasets import (
@@ -57,7 +58,6 @@ from membuilder.eval.datasets import (
     load_dataset,
     read_id_list,
 )
-from membuilder.eval import protocol_setup
 from membuilder.eval.datasets.locomo import apply_conventions as locomo_conventions
 from membuilder.eval.evidence import evidence_ranks, question_evidence
 from membuilder.eval.reports import compute_metrics, markdown_report, write_chart
