@@ -511,3 +511,31 @@ def test_responder_contract(responder):
     core_req = ScriptedRequest(tag="agent:core", body={}, messages=prompt, model="m")
     assert responder(core_req) == "" and responder(core_req) == "" and responder.pending_faults() == 0
     assert responder.faults_served == [("empty", "agent:core"), ("empty", "agent:core")]
+
+
+def test_agent_retrieval_global_then_filter_versus_per_kind():
+    """paper protocol: the top k over all kinds, then each agent keeps its own kind (fewer than k);
+    membuilder: the top k of each kind."""
+    from membuilder import Provenance
+    from membuilder.agents import retrieve_for_agents
+    from membuilder.embed import HashingEmbedder
+
+    embedder = HashingEmbedder(64)
+    state = MemoryState(64)
+    prov = Provenance("c", 0, None, [])
+    session = [{"role": "user", "content": "hiking trip in the mountains with my dog"}]
+    near = ["hiking trip mountains dog", "mountains hiking dog trip photos", "dog hiking mountains"]
+    far = ["tax forms due in april", "recipe for lentil soup", "quarterly budget meeting"]
+    state.add_entries("episodic", near, embedder.embed_passages(near), [prov] * 3)
+    state.add_entries("semantic", far, embedder.embed_passages(far), [prov] * 3)
+    taxes = ["how to file taxes"]
+    state.add_entries("procedural", taxes, embedder.embed_passages(taxes), [prov])
+
+    glob = asyncio.run(retrieve_for_agents(state, embedder, session, 3, "global_then_filter"))
+    per = asyncio.run(retrieve_for_agents(state, embedder, session, 3, "per_kind"))
+    # the three hiking memories fill the global top 3: the other agents see nothing
+    assert sorted(glob["episodic"]) == sorted(near) and glob["semantic"] == glob["procedural"] == []
+    assert sorted(per["semantic"]) == sorted(far) and per["procedural"] == ["how to file taxes"]
+    assert sorted(per["episodic"]) == sorted(near)
+    with pytest.raises(InvalidArgumentError):
+        MemoryBuilder(None, embedder, retrieval="top_k")

@@ -273,3 +273,33 @@ def test_answer_endpoint_failure_raises_llm_error(server, embedder):
 
     with pytest.raises(LLMError):
         asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ('The answer names the same shelter. {"label": "CORRECT"}', True),
+        ('It names another city.\n```json\n{"label": "WRONG"}\n```', False),
+        ('{"label": "correct"}', None),  # the reference compares the label exactly
+        ("CORRECT", None),  # no JSON object: unreadable, whatever the word
+        ('{"verdict": "CORRECT"}', None),
+        ('{"label": "CORRECT"', None),
+        ("", None),
+    ],
+)
+def test_generous_reading_follows_the_reference(reply, expected):
+    from membuilder.judge import read_generous_label
+
+    assert read_generous_label(reply) is expected
+
+
+def test_generous_wording_asks_for_a_reason_then_the_label():
+    from membuilder.judge import JUDGE_GENEROUS_SYSTEM, JUDGE_SYSTEM
+
+    strict = build_judge_messages("Where?", "Paris", "In Paris")
+    generous = build_judge_messages("Where?", "Paris", "In Paris", "generous")
+    assert strict[1] == generous[1]  # same items, other instructions
+    assert generous[0]["content"] == JUDGE_GENEROUS_SYSTEM != JUDGE_SYSTEM
+    assert "one sentence" in JUDGE_GENEROUS_SYSTEM and '{"label": "CORRECT"}' in JUDGE_GENEROUS_SYSTEM
+    with pytest.raises(ValueError):
+        build_judge_messages("Where?", "Paris", "In Paris", "lenient")

@@ -218,10 +218,32 @@ def test_remote_embedder_gives_up_with_llm_error_without_key():
 
 
 def test_remote_embedder_needs_a_key_for_openai(monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    names = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_EMBEDDINGS_BASE_URL", "OPENAI_EMBEDDINGS_API_KEY")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
     with pytest.raises(InvalidArgumentError, match="OPENAI_API_KEY"):
         OpenAIEmbedder()
+
+
+def test_embeddings_endpoint_variables_take_precedence(monkeypatch):
+    """Chat on one endpoint (say vLLM, which serves no embeddings), embeddings on another."""
+    for name in ("OPENAI_API_KEY", "OPENAI_EMBEDDINGS_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with ScriptedOpenAIServer(embedding_dim=8) as chat, ScriptedOpenAIServer(embedding_dim=8) as emb_server:
+        monkeypatch.setenv("OPENAI_BASE_URL", chat.base_url)
+        monkeypatch.setenv("OPENAI_EMBEDDINGS_BASE_URL", emb_server.base_url)
+        # no key anywhere: the embeddings endpoint gets "EMPTY", as a local server would want
+        emb = make_embedder("openai:text-embedding-3-small", dimensions=8)
+        vectors = emb.embed_passages(["alpha beta"])
+        np.testing.assert_allclose(vectors, hashed_bow_matrix(["alpha beta"], 8), atol=1e-6)
+        assert emb_server.count(path="/embeddings") == 1 and chat.count() == 0
+        assert emb_server.requests[0].body["model"] == "text-embedding-3-small"
+        emb.close()
+        # an explicit base_url still wins over both variables
+        explicit = OpenAIEmbedder("m", chat.base_url, "k", dimensions=8)
+        explicit.embed_queries(["x"])
+        assert chat.count(path="/embeddings") == 1 and emb_server.count() == 1
+        explicit.close()
 
 
 # --------------------------------------------------------------------------------------------------

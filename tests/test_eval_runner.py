@@ -73,6 +73,11 @@ def test_retrieval_mode_offline(locomo_path: Path, tmp_path: Path) -> None:
         "hash",
         "--output-dir",
         str(out),
+        # the membuilder question set and names (the paper protocol's are tested further down)
+        "--locomo-questions",
+        "cat1-4",
+        "--locomo-category-labels",
+        "locomo",
     ]
     assert _main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -156,6 +161,8 @@ def test_bad_inputs_exit_2(locomo_path: Path, tmp_path: Path, capsys: pytest.Cap
                 "m",
                 "--provider",
                 "vllm",
+                "--judge-provider",  # judge on the same server (with vllm it now defaults to the API)
+                "vllm",
                 "--embedder",
                 "hash",
                 "--conv-id",
@@ -200,6 +207,8 @@ def test_full_mode_locomo_two_conversations(locomo_path: Path, tmp_path: Path) -
                 "--output-dir",
                 str(out),
                 *_llm_args(server),
+                "--judge-model",  # the judge model used to default to the answer model
+                "scripted-model",
             ]
         )
         assert code == 0
@@ -339,6 +348,8 @@ def test_two_step_build_then_answer(locomo_path: Path, tmp_path: Path) -> None:
                 "--model",
                 "m",
                 "--provider",
+                "vllm",
+                "--judge-provider",
                 "vllm",
                 "--output-dir",
                 str(tmp_path / "c"),

@@ -460,6 +460,8 @@ def test_eval_report_names_judge_rounds_probe_and_audited_accuracy(
             "sk-test",
             "--model",
             "scripted-model",
+            "--judge-model",
+            "scripted-model",
         ]
         assert _eval(argv) == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -568,3 +568,48 @@ def test_bodies_without_a_first_choice_are_malformed_and_retryable():
     )
     assert _extract(ok) == ("", "m", "length", 0, 0)
     assert classify(RuntimeError("not an API failure")) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON mode refused by the endpoint (proxies, some vLLM setups)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_json_mode_refused_falls_back_without_response_format_and_remembers():
+    reply = '{"label": "CORRECT"}'
+    with ScriptedOpenAIServer(reply, reject_response_format=True) as server:
+
+        async def main() -> tuple[list[ChatResult], int, set[str]]:
+            async with LLMClient(make_config(server)) as client:
+                out = [await client.chat(USER, json_mode=True, tag="judge") for _ in range(2)]
+                other = await client.chat(USER, json_mode=True, model="other-model", tag="judge")
+                return [*out, other], client.json_mode_fallbacks, set(client.json_mode_refused)
+
+        results, fallbacks, refused = asyncio.run(main())
+        assert [r.text for r in results] == [reply] * 3
+        bodies = [(r.model, "response_format" in r.body) for r in server.requests]
+    # first call: refused, then sent again without JSON mode; the second call of the same model
+    # leaves JSON mode out at once; another model is asked with JSON mode first, like the first.
+    assert bodies == [
+        ("test-model", True),
+        ("test-model", False),
+        ("test-model", False),
+        ("other-model", True),
+        ("other-model", False),
+    ]
+    assert fallbacks == 2 and refused == {"test-model", "other-model"}
+    assert results[0].attempts == 2 and results[1].attempts == 1
+
+
+def test_json_mode_refused_without_fallback_fails_with_the_status():
+    with ScriptedOpenAIServer("{}", reject_response_format=True) as server:
+        with pytest.raises(LLMError) as info:
+            chat_once(make_config(server, json_mode_fallback=False), json_mode=True)
+        assert info.value.status == 400 and "response_format" in str(info.value)
+        assert len(server.requests) == 1
+
+
+def test_json_mode_fallback_does_not_touch_calls_without_json_mode():
+    with ScriptedOpenAIServer("plain", reject_response_format=True) as server:
+        assert chat_once(make_config(server)).text == "plain"
+        assert len(server.requests) == 1 and "response_format" not in server.requests[0].body

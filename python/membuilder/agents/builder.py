@@ -180,10 +180,27 @@ def _empty_vectors(dim: int) -> np.ndarray:
     return np.zeros((0, dim), dtype=np.float32)
 
 
+#: How the bank agents' existing memories are retrieved (see :func:`retrieve_for_agents`).
+AGENT_RETRIEVAL = ("per_kind", "global_then_filter")
+
+
 async def retrieve_for_agents(
-    state: Any, embedder: Any, session_messages: Sequence[Mapping[str, Any]], k: int
+    state: Any,
+    embedder: Any,
+    session_messages: Sequence[Mapping[str, Any]],
+    k: int,
+    mode: str = "per_kind",
 ) -> dict[str, list[str]]:
-    """Top-``k`` existing memories of each bank kind for a session, best first (one embedder call)."""
+    """Existing memories of each bank kind for a session, best first (one embedder call).
+
+    ``per_kind``: the top ``k`` of each kind. ``global_then_filter``: the top ``k`` over all kinds,
+    then each agent keeps its own kind, so an agent often sees fewer than ``k`` (what the
+    reference code does, ``memory_system.py``; the ``paper`` protocol).
+    """
+    if mode not in AGENT_RETRIEVAL:
+        raise InvalidArgumentError(
+            f"agent retrieval must be one of {', '.join(AGENT_RETRIEVAL)}, got {mode!r}"
+        )
     retrieved: dict[str, list[str]] = {kind: [] for kind in BANK_KINDS}
     if k <= 0 or len(state) == 0:
         return retrieved
@@ -192,6 +209,13 @@ async def retrieve_for_agents(
     query_text = session_query_text(session_messages)[:MAX_QUERY_CHARS]
     query = await embedder.aembed_queries([query_text])
     q = np.ascontiguousarray(np.asarray(query, dtype=np.float32)[0])
+    if mode == "global_then_filter":
+        hits = state.search(q, k)
+        found = [(int(i), int(kd)) for i, kd in zip(hits.ids, hits.kinds) if i >= 0]
+        for (_, kind_index), text in zip(found, state.texts([i for i, _ in found])):
+            if text is not None:
+                retrieved[BANK_KINDS[kind_index]].append(text)
+        return retrieved
     for kind in BANK_KINDS:
         if state.count(kind) == 0:
             continue
@@ -207,7 +231,8 @@ class MemoryBuilder:
     ``Embedder`` whose ``dim`` matches the state's; ``model``: the model name sent with each call
     (``None``: the client's default); ``max_attempts``: model calls per agent and session, >= 1;
     ``retrieve_k``: existing memories shown to each bank agent; ``core_limit``: the core block's
-    limit in characters (default: the state's); ``compress``: condense the core block when over.
+    limit in characters (default: the state's); ``compress``: condense the core block when over;
+    ``retrieval``: ``per_kind`` or ``global_then_filter`` (see :func:`retrieve_for_agents`).
     """
 
     def __init__(
@@ -222,7 +247,12 @@ class MemoryBuilder:
         core_limit: int | None = None,
         compress: bool = True,
         max_tokens: int | None = None,
+        retrieval: str = "per_kind",
     ) -> None:
+        if retrieval not in AGENT_RETRIEVAL:
+            raise InvalidArgumentError(
+                f"retrieval must be one of {', '.join(AGENT_RETRIEVAL)}, got {retrieval!r}"
+            )
         if max_attempts < 1:
             raise InvalidArgumentError(f"max_attempts must be at least 1, got {max_attempts}")
         if retrieve_k < 0:
@@ -238,6 +268,7 @@ class MemoryBuilder:
         self.core_limit = core_limit
         self.compress = compress
         self.max_tokens = max_tokens
+        self.retrieval = retrieval
 
     def render(
         self,
@@ -330,7 +361,9 @@ class MemoryBuilder:
             timestamp=timestamp,
             core_before=state.core,
         )
-        result.retrieved = await retrieve_for_agents(state, self.embedder, messages, self.retrieve_k)
+        result.retrieved = await retrieve_for_agents(
+            state, self.embedder, messages, self.retrieve_k, self.retrieval
+        )
         prompts = self.render(state, messages, timestamp, result.retrieved)
         result.calls = list(await asyncio.gather(*(self.run_agent(a, prompts[a]) for a in AGENTS)))
 

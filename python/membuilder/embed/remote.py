@@ -45,8 +45,11 @@ class OpenAIEmbedder:
 
     Args:
         model: embedding model name.
-        base_url: endpoint root with ``/v1``; default ``OPENAI_BASE_URL`` or OpenAI's.
-        api_key: default ``OPENAI_API_KEY``; ``"EMPTY"`` is sent to a custom ``base_url`` without one.
+        base_url: endpoint root with ``/v1``; default ``OPENAI_EMBEDDINGS_BASE_URL``, else
+            ``OPENAI_BASE_URL``, else OpenAI's.
+        api_key: default ``OPENAI_EMBEDDINGS_API_KEY``, else ``OPENAI_API_KEY``; ``"EMPTY"`` is sent to
+            a custom ``base_url`` without one (and to ``OPENAI_EMBEDDINGS_BASE_URL`` without
+            ``OPENAI_EMBEDDINGS_API_KEY``, as the reference does).
         dimensions: ask the model for this many dimensions (text-embedding-3 models); also fixes
             :attr:`dim` without a probe.
         batch_size: texts per request (OpenAI accepts up to 2,048).
@@ -92,8 +95,19 @@ class OpenAIEmbedder:
             raise InvalidArgumentError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
         if not timeout > 0:
             raise InvalidArgumentError(f"timeout must be > 0 seconds, got {timeout!r}")
+        # OPENAI_EMBEDDINGS_* first: chat may go to a vLLM server that serves no embeddings while
+        # the embeddings come from an API (the reference code reads the same two variables).
+        env_url = os.environ.get("OPENAI_EMBEDDINGS_BASE_URL") or None
+        if base_url is None and env_url is not None:
+            base_url = env_url
+            api_key = api_key or os.environ.get("OPENAI_EMBEDDINGS_API_KEY") or "EMPTY"
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
+        api_key = (
+            api_key
+            or os.environ.get("OPENAI_EMBEDDINGS_API_KEY")
+            or os.environ.get("OPENAI_API_KEY")
+            or None
+        )
         if api_key is None:
             if base_url is None:
                 raise InvalidArgumentError(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from membuilder.eval.stats import mcnemar, paired_bootstrap, proportion
+from membuilder.protocol import measurement_difference, protocol_difference
 
 __all__ = ["CompareError", "add_arguments", "compare_runs", "load_run", "markdown", "run"]
 
@@ -129,9 +130,9 @@ def _check(
         problems.append(
             f"different question sets ({len(ids_a - ids_b)} questions only in RUN_A, {len(ids_b - ids_a)} only in RUN_B)"
         )
-    pa, pb = sa.get("protocol"), sb.get("protocol")
-    if pa != pb:
-        problems.append(f"different protocols ({json.dumps(pa)} vs {json.dumps(pb)})")
+    measured = measurement_difference(sa.get("protocol"), sb.get("protocol"))
+    if measured:
+        problems.append(f"measured under different protocols ({'; '.join(measured)})")
     if problems and not force:
         raise CompareError(
             "runs are not comparable: "
@@ -230,6 +231,8 @@ def compare_runs(
         "run_b": str(sb.get("_path", "")),
         "dataset": sa.get("dataset", {}).get("name"),
         "protocol": {"a": sa.get("protocol"), "b": sb.get("protocol")},
+        # Settings of the system under test that differ: what the comparison is about.
+        "setting_differences": protocol_difference(sa.get("protocol"), sb.get("protocol")),
         "forced_over": problems,
         "questions": len(common),
         "metric": metric,
@@ -270,6 +273,8 @@ def markdown(result: Mapping[str, Any]) -> str:
     ]
     if result["forced_over"]:
         lines.append("- **forced** over: " + "; ".join(result["forced_over"]))
+    if result["setting_differences"]:
+        lines.append("- settings that differ between the runs: " + "; ".join(result["setting_differences"]))
     lines.append("")
     for t in result["tables"]:
         lines += [f"## {t['gold']} gold", ""]

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from membuilder.eval.stats import proportion
+from membuilder.judge import JUDGE_STYLES
+from membuilder.protocol import add_protocol_argument, get_protocol
 
 __all__ = ["PROBE_SETS", "add_arguments", "load_probe_items", "probe_judge", "run", "summarize"]
 
@@ -58,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="directory of the audit's probe files (default: locomo_audit beside the dataset's directory)",
     )
     p.add_argument("--judge-model", required=True, help="the judge model to measure")
+    add_protocol_argument(p)
+    p.add_argument(
+        "--judge-style",
+        choices=JUDGE_STYLES,
+        help="judge wording (default: the protocol's: generous for paper, strict for membuilder)",
+    )
     p.add_argument("--provider", choices=PROVIDERS, default="openai", help="openai | vllm | compatible")
     p.add_argument("--base-url", help="endpoint, e.g. http://localhost:8000/v1")
     p.add_argument("--api-key", help="API key (default: OPENAI_API_KEY); never written anywhere")
@@ -224,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
     from membuilder.llm import LLMClient, LLMConfig
 
     model = args.judge_model
+    protocol = get_protocol(args.protocol).with_overrides(judge_style=args.judge_style)
+    style = protocol.judge_style
     out = args.output_dir or Path("runs") / "judge-probe" / model.replace("/", "_")
     audit_dir = args.audit_dir or default_audit_path(args.data_path).parent
     conv_ids = [x.strip() for v in args.conv_id or [] for x in v.split(",") if x.strip()]
@@ -249,7 +259,10 @@ def run(args: argparse.Namespace) -> int:
     async def go() -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
         client = LLMClient(cfg)
         try:
-            judge = RoundsJudge(Judge(client, model=model), args.judge_rounds)
+            judge = RoundsJudge(
+                Judge(client, model=model, style=style, max_attempts=protocol.judge_attempts),
+                args.judge_rounds,
+            )
             judged = await probe_judge(judge, items, args.max_concurrent_requests)
         finally:
             await client.aclose()
@@ -262,8 +275,10 @@ def run(args: argparse.Namespace) -> int:
         "judge": {
             "model": model,
             "provider": args.provider,
-            "prompt_version": judge_prompt_version(),
+            "prompt_version": judge_prompt_version(style),
+            "style": style,
             "rounds": args.judge_rounds,
+            "protocol": protocol.record(),
         },
         "data": {
             "locomo": str(args.data_path),

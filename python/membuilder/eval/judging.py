@@ -26,14 +26,15 @@ __all__ = ["PROBE_FILE", "RoundsJudge", "find_probe", "judge_prompt_version"]
 PROBE_FILE = "judge_probe.json"
 
 
-def judge_prompt_version() -> str:
-    """``<declared version or "judge">+<12 hex of sha256(rendered prompt)>``."""
+def judge_prompt_version(style: str = "strict") -> str:
+    """``<declared version or "judge">-<style>+<12 hex of sha256(rendered prompt)>``: the two judge
+    wordings (and a user's template) are different judges, and their probe results differ."""
     from membuilder import judge as judge_module
 
-    messages = judge_module.build_judge_messages("{question}", "{gold}", "{answer}")
+    messages = judge_module.build_judge_messages("{question}", "{gold}", "{answer}", style)
     digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode("utf-8")).hexdigest()[:12]
     declared = getattr(judge_module, "JUDGE_PROMPT_VERSION", None) or "judge"
-    return f"{declared}+{digest}"
+    return f"{declared}-{style}+{digest}"
 
 
 class _SeededLLM:

@@ -1,8 +1,10 @@
 """Metrics over result records, and the reports: summary JSON, Markdown table, PNG chart.
 
 A result record is one JSON line per question (see ``runner``). Accuracy is the LLM judge's: the
-share of judged questions labelled CORRECT; questions the judge could not label are counted in
-``judge_failed`` and left out of the denominator (never guessed). Exact match and token F1 are
+share of judged questions labelled CORRECT. A question the judge could not label is, by the
+protocol's ``judge_unreadable``, either recorded as WRONG by the runner (``paper``; counted in
+``judge_unreadable_as_wrong``) or left without a label, counted in ``judge_failed`` and left out of
+the denominator (``membuilder``); a label is never guessed. Exact match and token F1 are
 averaged over all answered questions. The *headline* set is every question except LoCoMo's
 adversarial category (unless the run included it); every category, adversarial included, is also
 reported on its own.
@@ -32,6 +34,9 @@ def answer_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "judged": len(judged),
         "judge_failed": sum(
             1 for r in answered if r.get("judge_correct") is None and r.get("judge") != "none"
+        ),
+        "judge_unreadable_as_wrong": sum(
+            1 for r in judged if r.get("judge_unreadable") and r["judge_correct"] is False
         ),
         "correct": sum(1 for r in judged if r["judge_correct"]),
         "accuracy": _mean([1.0 if r["judge_correct"] else 0.0 for r in judged]),

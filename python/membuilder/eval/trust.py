@@ -233,7 +233,7 @@ def extend_summary(summary: dict[str, Any], records: Sequence[Mapping[str, Any]]
         summary["per_question"] = usage
     if cfg.needs_answer and cfg.judge == "llm":
         agree = [r["judge_agreement"] for r in records if "judge_agreement" in r]
-        version = judge_prompt_version()
+        version = judge_prompt_version(cfg.protocol.judge_style)
         probe = find_probe([cfg.output_dir, cfg.llm_cache_dir], cfg.the_judge_model, version)
         summary["judge"] = {
             "model": cfg.the_judge_model,

@@ -50,6 +50,8 @@ OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # "openai": api.openai.com or OPENAI_BASE_URL; "vllm": a local vLLM server; "compatible": any other
 # OpenAI-compatible server (base_url required, key optional).
 PROVIDERS = ("openai", "vllm", "compatible")
+# Statuses with which a server says it does not accept a request parameter such as response_format.
+_JSON_MODE_REFUSED = (400, 422)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,10 @@ class LLMConfig:
         backoff_base, backoff_cap: exponential backoff parameters in seconds (see ``retry``).
         retry_after_cap: longest ``Retry-After`` honoured, in seconds.
         default_headers: extra HTTP headers sent with every request.
+        json_mode_fallback: when the endpoint refuses ``response_format`` (HTTP 400 or 422 to a
+            JSON-mode call; some proxies and vLLM setups do), send the call again without it, and
+            leave it out of this client's later calls to that model. The callers parse the reply
+            themselves, so they lose nothing but the server-side guarantee.
 
     Raises:
         InvalidArgumentError: for an unknown provider or an out-of-range number.
@@ -90,6 +96,7 @@ class LLMConfig:
     backoff_cap: float = 30.0
     retry_after_cap: float = 60.0
     default_headers: dict | None = None
+    json_mode_fallback: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -278,6 +285,10 @@ class LLMClient:
         self._inflight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Future]]
         self._inflight = weakref.WeakKeyDictionary()
         self._closed = False
+        #: Models for which this endpoint refused JSON mode (see ``LLMConfig.json_mode_fallback``).
+        self.json_mode_refused: set[str] = set()
+        #: Calls that were sent again without ``response_format`` after a refusal.
+        self.json_mode_fallbacks = 0
 
     # -- properties --------------------------------------------------------------------------------
 
@@ -473,7 +484,7 @@ class LLMClient:
             # OpenAI deprecated max_tokens (reasoning models reject it); vLLM and most servers know it.
             name = "max_completion_tokens" if self._config.provider == "openai" else "max_tokens"
             kwargs[name] = params["max_tokens"]
-        if params["json_mode"]:
+        if params["json_mode"] and model not in self.json_mode_refused:
             kwargs["response_format"] = {"type": "json_object"}
         if params["seed"] is not None:
             kwargs["seed"] = params["seed"]
@@ -487,8 +498,9 @@ class LLMClient:
             return _extract(response)
 
         semaphore = endpoint_semaphore(self.endpoint, self._api_key, self._config.max_concurrency)
-        try:
-            extracted, attempts = await call_with_retries(
+
+        async def send() -> tuple[Any, int]:
+            return await call_with_retries(
                 attempt,
                 policy=self._policy,
                 endpoint=self.endpoint,
@@ -496,6 +508,23 @@ class LLMClient:
                 secrets=(self._api_key,),
                 semaphore=semaphore,
             )
+
+        try:
+            try:
+                extracted, attempts = await send()
+            except LLMError as exc:
+                if not (
+                    "response_format" in kwargs
+                    and self._config.json_mode_fallback
+                    and exc.status in _JSON_MODE_REFUSED
+                ):
+                    raise
+                # The endpoint refused JSON mode: ask again without it, and stop asking this model.
+                self.json_mode_refused.add(model)
+                self.json_mode_fallbacks += 1
+                del kwargs["response_format"]
+                extracted, attempts = await send()
+                attempts += exc.attempts
         except LLMError as exc:
             self.usage.record_failure(model, retries=max(exc.attempts - 1, 0))
             raise

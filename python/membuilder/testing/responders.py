@@ -30,7 +30,7 @@ from typing import Any
 from membuilder.agents.compress import COMPRESS_SYSTEM, truncate_at_sentence
 from membuilder.agents.prompts import SYSTEM_PROMPTS
 from membuilder.answer import ANSWER_SYSTEM
-from membuilder.judge import JUDGE_SYSTEM
+from membuilder.judge import JUDGE_GENEROUS_SYSTEM, JUDGE_SYSTEM
 from membuilder.metrics import normalize_answer
 
 __all__ = ["CONTENT_FAULTS", "MemoryResponder", "ParsedTurn", "sample_conversation", "words"]
@@ -289,7 +289,12 @@ class MemoryResponder:
         for agent, prompt in SYSTEM_PROMPTS.items():
             if system == prompt:
                 return f"agent:{agent}"
-        known = {COMPRESS_SYSTEM: "compress:core", ANSWER_SYSTEM: "answer", JUDGE_SYSTEM: "judge"}
+        known = {
+            COMPRESS_SYSTEM: "compress:core",
+            ANSWER_SYSTEM: "answer",
+            JUDGE_SYSTEM: "judge",
+            JUDGE_GENEROUS_SYSTEM: "judge",
+        }
         return known.get(system, "unknown")
 
     def __call__(self, request: Any) -> str:

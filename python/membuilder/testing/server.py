@@ -306,6 +306,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(messages, list) or not messages:
             self._send_error_json(400, "'messages' must be a non-empty list", "invalid_request_error")
             return
+        if owner.reject_response_format and "response_format" in request.body:
+            self._send_error_json(
+                400, "response_format is not supported by this server (scripted)", "invalid_request_error"
+            )
+            return
         try:
             content = owner._responder(request)
         except Exception as exc:  # noqa: BLE001 - a broken responder must reach the test as a 400
@@ -396,6 +401,8 @@ class ScriptedOpenAIServer:
         host: interface to bind; the port is chosen by the OS.
         embedding_dim: dimension of ``/v1/embeddings`` vectors when the request gives no ``dimensions``.
         model: name reported by ``/v1/models`` and used when a request names none.
+        reject_response_format: answer every chat request that carries ``response_format`` with an
+            HTTP 400, as proxies and some vLLM setups do for JSON mode (the request is recorded).
 
     Use as a context manager (or call :meth:`start` / :meth:`stop`). Thread-safe; serves many concurrent
     requests (one thread per connection).
@@ -409,6 +416,7 @@ class ScriptedOpenAIServer:
         host: str = "127.0.0.1",
         embedding_dim: int = 64,
         model: str = "scripted-model",
+        reject_response_format: bool = False,
     ) -> None:
         if delay < 0:
             raise ValueError(f"delay must be >= 0 seconds, got {delay}")
@@ -419,6 +427,7 @@ class ScriptedOpenAIServer:
         self.host = host
         self.embedding_dim = int(embedding_dim)
         self.model = model
+        self.reject_response_format = bool(reject_response_format)
         self._lock = threading.Lock()
         self._requests: list[ScriptedRequest] = []
         self._faults: list[_QueuedFault] = []

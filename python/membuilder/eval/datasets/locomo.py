@@ -21,6 +21,7 @@ kept in ``Question.meta["unresolved_evidence"]`` rather than guessed.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -41,6 +42,16 @@ CATEGORIES: dict[int, str] = {
     3: "open-domain",
     4: "single-hop",
     5: "adversarial",
+}
+#: The names the reference code gives the same numbers (``scripts/process_locomo.py``); it has no
+#: name for category 5. Used in reports under the ``paper`` protocol so that per-category rows can
+#: be set beside the paper's.
+REFERENCE_CATEGORIES: dict[int, str] = {
+    1: "single-session",
+    2: "temporal-reasoning",
+    3: "multi-session",
+    4: "knowledge-update",
+    5: "unknown",
 }
 #: Gold answer given to category-5 questions (the official file has none for most of them).
 NOT_MENTIONED = "Not mentioned in the conversation"
@@ -186,3 +197,27 @@ def _load_questions(sample: Fields, conv: Conversation) -> list[Question]:
             )
         )
     return out
+
+
+def apply_conventions(ds: Dataset, *, category5_gold: str, labels: str) -> Dataset:
+    """The same LoCoMo questions under a protocol's conventions.
+
+    ``category5_gold``: ``not_mentioned`` (the loader's :data:`NOT_MENTIONED`) or ``release`` (the
+    file's own ``answer`` field, ``""`` where it has none — 444 of the 446 — which is what the
+    reference code hands its judge). ``labels``: ``locomo`` (:data:`CATEGORIES`) or ``reference``
+    (:data:`REFERENCE_CATEGORIES`). Question ids, evidence and the ``is_abstention`` flag stay.
+    """
+    if category5_gold not in ("not_mentioned", "release"):
+        raise ValueError(f"category5_gold must be 'not_mentioned' or 'release', got {category5_gold!r}")
+    if labels not in ("locomo", "reference"):
+        raise ValueError(f"labels must be 'locomo' or 'reference', got {labels!r}")
+    names = CATEGORIES if labels == "locomo" else REFERENCE_CATEGORIES
+    out: list[Question] = []
+    for q in ds.questions:
+        changes: dict[str, object] = {}
+        if q.category_id in names:
+            changes["category"] = names[q.category_id]
+        if q.category_id == 5 and category5_gold == "release":
+            changes["answer"] = str(q.meta.get("release_answer") or "")
+        out.append(replace(q, **changes) if changes else q)
+    return Dataset(ds.name, ds.conversations, tuple(out), ds.source, ds.meta)
