@@ -232,3 +232,19 @@ def test_paper_uses_the_first_five_questions(root: Path) -> None:
     with ScriptedOpenAIServer(responder) as server:
         score(root, server, samples, max_questions=0)
         assert server.count("answer") == 7
+
+
+def test_unreadable_verdict_counts_as_wrong_under_paper(root: Path) -> None:
+    """The paper's judge scores a verdict it cannot read as WRONG; membuilder leaves the sample out."""
+
+    def mumbling(request: Any) -> str:
+        return "hmm, hard to say" if request.tag == "judge" else responder(request)
+
+    samples = batch({a: [GOOD[a]] for a in AGENTS})
+    with ScriptedOpenAIServer(mumbling) as server:
+        paper, scorer = score(root, server, samples)
+    assert all(r.valid and r.task == 0.0 and r.reward == 0.0 for r in paper)
+    assert scorer.stats.failures == {"judge_unreadable_as_wrong": 2}
+    with ScriptedOpenAIServer(mumbling) as server:
+        ours, _ = score(root, server, samples, protocol="membuilder", pairing="joint")
+    assert not any(r.valid for r in ours) and all(r.weight == 0.0 for r in ours)

@@ -778,6 +778,10 @@ class RewardScorer:
             raise _CallFailed("judge_call", str(exc)) from exc
         label = parse_judge_label(result.text)
         if label is None:
+            if self.config.resolved.judge_unreadable == "wrong":
+                # The paper's judge counts a verdict it cannot read as WRONG (eval/llm_judge.py).
+                self.stats.count_failure("judge_unreadable_as_wrong")
+                return 0.0
             raise _CallFailed("judge_unreadable", f"judge answered {result.text[:200]!r}")
         return 1.0 if label else 0.0
 
