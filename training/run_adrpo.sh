@@ -68,35 +68,13 @@ PROTOCOL=${PROTOCOL:-paper}
 PAIRING=${PAIRING:-}                        # expert | joint (paper: joint, membuilder: expert)
 ANSWER_MODEL=${ANSWER_MODEL:-}
 JUDGE_MODEL=${JUDGE_MODEL:-}
-SPARSE_REWARD=${SPARSE_REWARD:-}            # true: the paper's sparse-reward ablation (drop 0.5, default 1.0, seed 42)
+SPARSE_REWARD=${SPARSE_REWARD:-}            # true: the paper's sparse-reward ablation
 JUDGE=${JUDGE:-llm}                         # llm | exact | f1
 REWARD_BASE_URL=${REWARD_BASE_URL:-}        # empty: the OpenAI API
 REWARD_CONCURRENCY=${REWARD_CONCURRENCY:-64}
 EMBEDDER=${EMBEDDER:-}                      # must be the embedder the states were built with
 REWARD_CACHE_DIR=${REWARD_CACHE_DIR:-${OUTPUT_DIR}/reward_cache}   # answers/judgements repeat across steps
 TOKENIZER=${TOKENIZER:-${MODEL_PATH}}       # count content tokens with the policy's tokenizer
-# The pairing decides the reward workers and the data order; ask the protocol for its own.
-EFFECTIVE_PAIRING=${PAIRING}
-if [[ -z "${EFFECTIVE_PAIRING}" ]]; then
-    if ! EFFECTIVE_PAIRING=$("${PYTHON}" -c "import sys; from membuilder.protocol import get_protocol
-try:
-    print(get_protocol(sys.argv[1]).reward_pairing)
-except ValueError as exc:
-    sys.exit(str(exc))" "${PROTOCOL}"); then
-        echo "error: PROTOCOL=${PROTOCOL} is not a protocol (paper | membuilder)" >&2
-        exit 2
-    fi
-fi
-if [[ "${EFFECTIVE_PAIRING}" == "joint" ]]; then
-    # A session's four agents must meet in one reward worker, and the data loader must not split them.
-    REWARD_WORKERS=${REWARD_WORKERS:-1}
-    SHUFFLE=${SHUFFLE:-false}
-else
-    # The scorer is asynchronous and batched: two workers keep up, and fewer workers share more
-    # states and deduplicate more calls. Each worker has its own REWARD_CONCURRENCY limit.
-    REWARD_WORKERS=${REWARD_WORKERS:-2}
-    SHUFFLE=${SHUFFLE:-true}
-fi
 
 PLUGIN=membuilder.training.verl_plugin
 export VERL_USE_EXTERNAL_MODULES=${PLUGIN}
@@ -116,6 +94,30 @@ if [[ ${printing_config} == 0 ]]; then
     fi
     mkdir -p "${OUTPUT_DIR}"
 fi
+
+# The pairing decides the reward workers and the data order; ask the protocol for its own.
+EFFECTIVE_PAIRING=${PAIRING}
+if [[ -z "${EFFECTIVE_PAIRING}" ]]; then
+    if ! EFFECTIVE_PAIRING=$("${PYTHON}" -c "import sys; from membuilder.protocol import get_protocol
+try:
+    print(get_protocol(sys.argv[1]).reward_pairing)
+except ValueError as exc:
+    sys.exit(str(exc))" "${PROTOCOL}"); then
+        echo "error: could not read the pairing of PROTOCOL=${PROTOCOL} (paper | membuilder) with ${PYTHON}" >&2
+        exit 2
+    fi
+fi
+if [[ "${EFFECTIVE_PAIRING}" == "joint" ]]; then
+    # A session's four agents must meet in one reward worker, and the data loader must not split them.
+    REWARD_WORKERS=${REWARD_WORKERS:-1}
+    SHUFFLE=${SHUFFLE:-false}
+else
+    # The scorer is asynchronous and batched: two workers keep up, and fewer workers share more
+    # states and deduplicate more calls. Each worker has its own REWARD_CONCURRENCY limit.
+    REWARD_WORKERS=${REWARD_WORKERS:-2}
+    SHUFFLE=${SHUFFLE:-true}
+fi
+
 if [[ "${ADRPO}" == "1" ]]; then TRAINER_MODE=adrpo_sync; else TRAINER_MODE=sync; fi
 
 RK=+reward.custom_reward_function.reward_kwargs
