@@ -143,14 +143,16 @@ def run_reference(
                 time.sleep(0.3)
         before = llm.count(path="/chat/completions")
         out = work / f"reference_rewards_{concurrency}.json"
-        denv = dict(env, MEMBUILDER_MEMORY_API_URL=f"http://127.0.0.1:{port}", REWARD_MAX_CONCURRENT=str(concurrency))
+        denv = dict(
+            env, MEMBUILDER_MEMORY_API_URL=f"http://127.0.0.1:{port}", REWARD_MAX_CONCURRENT=str(concurrency)
+        )
         with open(work / f"reference_driver_{concurrency}.log", "w") as dlog:
             rc = subprocess.run(
                 [args.reference_python, str(DRIVER), args.reference, str(batch_file), str(out)],
                 cwd=work, env=denv, stdout=dlog, stderr=subprocess.STDOUT,
             ).returncode  # fmt: skip
         if rc != 0:
-            raise RuntimeError(f"the reference driver failed (exit {rc}); see {work}/reference_driver_{concurrency}.log")
+            raise RuntimeError(f"the reference driver failed (exit {rc}); see {dlog.name}")
         result = json.loads(out.read_text())
         return result["rewards"], result["seconds"], llm.count(path="/chat/completions") - before
     finally:
@@ -195,7 +197,7 @@ def main() -> int:
     ap.add_argument("--keep", default=None, help="directory to keep the batch, logs and rewards in")
     args = ap.parse_args()
     if not (Path(args.reference) / "training" / "reward_server" / "server.py").is_file():
-        print(f"{args.reference}: not a checkout of the paper's repository (no training/reward_server/server.py)")
+        print(f"{args.reference}: no training/reward_server/server.py (not a checkout of the paper's code)")
         return 2
     levels = [int(c) for c in args.concurrency.split(",")]
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)")
@@ -207,7 +209,8 @@ def main() -> int:
         batch_file = work / "reference_batch.json"
         batch_file.write_text(json.dumps(reference_batch(work, batch)))
         rc = subprocess.run(
-            [args.reference_python, str(DRIVER), args.reference, str(batch_file), "-", "--states-only"], cwd=work
+            [args.reference_python, str(DRIVER), args.reference, str(batch_file), "-", "--states-only"],
+            cwd=work,
         ).returncode
         if rc != 0:
             print("could not write the reference's states")

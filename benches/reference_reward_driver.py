@@ -45,7 +45,8 @@ def write_state(spec: dict) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) not in (3, 4):
-        print("usage: reference_reward_driver.py CHECKOUT BATCH.json OUT.json [--states-only]", file=sys.stderr)
+        usage = "usage: reference_reward_driver.py CHECKOUT BATCH.json OUT.json [--states-only]"
+        print(usage, file=sys.stderr)
         return 2
     checkout, batch_path, out_path = argv[:3]
     batch = json.loads(Path(batch_path).read_text(encoding="utf-8"))

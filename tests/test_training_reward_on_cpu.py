@@ -318,9 +318,19 @@ PAPER_EXPECTED = {  # (reward, weight, format_ok)
 # which arrives first, as the reference's thread pool does). The dropped one gets the default task
 # reward 1.0 (times the length factor) where it passed the gate, with no dominant kind (weight 1).
 SPARSE_DROPPED = {  # rollout -> agent -> (reward, weight, format_ok)
-    0: {"core": (CORE_R0, 1.0, 1.0), "episodic": (1.0, 1.0, 1.0), "semantic": (1.0, 1.0, 1.0), "procedural": (1.0, 1.0, 1.0)},
-    1: {"core": (0.0, 1.0, 0.0), "episodic": (1.0, 1.0, 1.0), "semantic": (0.0, 1.0, 0.0), "procedural": (1.0, 1.0, 1.0)},
-}  # fmt: skip
+    0: {
+        "core": (CORE_R0, 1.0, 1.0),
+        "episodic": (1.0, 1.0, 1.0),
+        "semantic": (1.0, 1.0, 1.0),
+        "procedural": (1.0, 1.0, 1.0),
+    },
+    1: {
+        "core": (0.0, 1.0, 0.0),  # the core SKIP fails the strict gate
+        "episodic": (1.0, 1.0, 1.0),
+        "semantic": (0.0, 1.0, 0.0),  # the reason-less SKIP fails it too
+        "procedural": (1.0, 1.0, 1.0),
+    },
+}
 
 
 @pytest.mark.parametrize("sparse", [False, True])

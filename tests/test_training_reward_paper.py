@@ -17,6 +17,7 @@ protocol and 0 under membuilder's scope, and the retrieval counts are 1 (paper) 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Sequence
@@ -199,8 +200,6 @@ def test_sparse_ablation_draws_once_per_session_rollout(root: Path) -> None:
             second = await scorer.score(samples)
             await scorer.aclose()
             return first, second, calls
-
-        import asyncio
 
         first, second, calls_first = asyncio.run(two_batches())
         calls_second = server.count("answer") - calls_first
