@@ -7,13 +7,16 @@ fixed delay (300 ms), with 64 calls allowed at once.
 * ``scorer``: :class:`membuilder.training.RewardScorer` (states loaded once, views, one embedding
   batch, one batched retrieval, each distinct answer prompt and judge triple sent once, all
   concurrently).
-* ``baseline``: as the paper's reward server: per session-rollout, reload the base state from disk,
-  apply the four outputs, then answer and judge the questions one at a time; four session-rollouts
-  (so four requests) at a time.
+* ``baseline``: the paper's reward server's architecture re-implemented on our semantics (the
+  ``membuilder`` protocol's QA over the whole state): per session-rollout, reload the base state
+  from disk, apply the four outputs, then answer and judge the questions one at a time; four
+  session-rollouts (so four requests) at a time.
 * ``bound``: the fastest any scorer could be given the distinct calls it must make:
   ``delay x ceil(distinct calls / concurrency)`` (and at least two delays: a judge needs its answer).
 
-Both compute the same rewards; the benchmark checks that they agree. Run:
+The scorer runs under the ``membuilder`` protocol with joint pairing here, so that both compute the
+same rewards (the benchmark checks that they agree). The paper's real reward server, run beside
+the scorer under the ``paper`` protocol on this same batch, is ``bench_reward_reference.py``. Run:
 
     pytest benches/bench_reward_scorer.py --benchmark-enable -s
     python benches/bench_reward_scorer.py            # prints the numbers
@@ -59,8 +62,17 @@ def _fact(s: int, q: int) -> str:
     return f"fact{s}x{q}"
 
 
+def kind_tagged(kind: str, text: str) -> str:
+    """How the paper's memory system stores (and embeds) a memory: ``[EPISODIC] text``."""
+    return f"[{kind.upper()}] {text}"
+
+
 def build_batch(root: Path, seed: int = 0) -> list[RewardSample]:
-    """Base states on disk and 1,024 samples; rollouts differ in which facts they record."""
+    """Base states on disk and 1,024 samples; rollouts differ in which facts they record.
+
+    Base memories are embedded with their kind tag, as a state built under the paper protocol is
+    (the reference's memory system embeds ``[EPISODIC] text``), so the paper's own server can be
+    given the same index."""
     rng = random.Random(seed)
     emb = make_embedder(EMBEDDER)
     samples: list[RewardSample] = []
@@ -69,7 +81,8 @@ def build_batch(root: Path, seed: int = 0) -> list[RewardSample]:
         state.set_core(f"The user of conversation {s}.")
         for kind in ("episodic", "semantic", "procedural"):
             texts = [f"{kind} background note {j} of conversation {s}" for j in range(10)]
-            state.add_entries(kind, texts, emb.embed_passages(texts), [Provenance(f"c{s}", 0)] * len(texts))
+            vecs = emb.embed_passages([kind_tagged(kind, t) for t in texts])
+            state.add_entries(kind, texts, vecs, [Provenance(f"c{s}", 0)] * len(texts))
         rel = f"states/c{s}.mbstate"
         (root / "states").mkdir(parents=True, exist_ok=True)
         state.save(root / rel)
@@ -122,10 +135,24 @@ def build_batch(root: Path, seed: int = 0) -> list[RewardSample]:
     return samples
 
 
+def _call_kind(request: Any) -> str:
+    """``answer`` or ``judge``: from our client's tag, or, for the paper's server (which sends no
+    tag), from the shape of its prompt."""
+    if request.tag in ("answer", "judge"):
+        return request.tag
+    text = request.messages[-1]["content"]
+    if request.tag is None and "Gold answer:" in text and "Generated answer:" in text:
+        return "judge"
+    if request.tag is None and "Question:" in text:
+        return "answer"
+    raise ValueError(f"unexpected call {request.tag!r}")
+
+
 def responder(request: Any) -> str:
     """Answer: the first 'item q is factSxQ' the prompt holds for the asked item; judge: gold in answer."""
     text = request.messages[-1]["content"]
-    if request.tag == "answer":
+    kind = _call_kind(request)
+    if kind == "answer":
         q = text.split("<question>")[-1]
         item = q.split("what is item ")[-1].split("?")[0].strip()
         marker = f"item {item} is "
@@ -135,23 +162,32 @@ def responder(request: Any) -> str:
     if request.tag == "judge":
         gold = text.split("<gold_answer>")[1].split("</gold_answer>")[0]
         answer = text.split("<generated_answer>")[1].split("</generated_answer>")[0]
-        return json.dumps({"label": "CORRECT" if gold in answer else "WRONG"})
-    raise ValueError(request.tag)
+    else:  # the paper's judge prompt: the last "Gold answer:" / "Generated answer:" lines
+        gold = text.rsplit("Gold answer:", 1)[1].split("\n", 1)[0].strip()
+        answer = text.rsplit("Generated answer:", 1)[1].split("\n", 1)[0].strip()
+    return json.dumps({"label": "CORRECT" if gold and gold in answer else "WRONG"})
 
 
 # -- the two contenders ------------------------------------------------------------------------
 
 
 def run_scorer(
-    root: Path, server: ScriptedOpenAIServer, batch: list[RewardSample], pairing: str = "joint"
+    root: Path,
+    server: ScriptedOpenAIServer,
+    batch: list[RewardSample],
+    pairing: str = "joint",
+    protocol: str = "membuilder",
+    concurrency: int = CONCURRENCY,
 ) -> tuple[list[float], float]:
     cfg = ScorerConfig(
+        protocol=protocol,
         answer_model="answer-m",
+        judge_model="answer-m",
         base_url=server.base_url,
         api_key="k",
         embedder=EMBEDDER,
         state_root=str(root),
-        max_concurrency=CONCURRENCY,
+        max_concurrency=concurrency,
         pairing=pairing,
     )
     scorer = RewardScorer(cfg)

@@ -133,7 +133,19 @@ def test_single_node_overrides_are_all_used(default_config: dict[str, Any]) -> N
     assert got["trainer.total_epochs"] == 5
     assert got["algorithm.adv_estimator"] == "grpo"
     assert got["trainer.v1.trainer_mode"] == "adrpo_sync"
-    assert got["reward.custom_reward_function.reward_kwargs.pairing"] == "expert"
+    # The paper's reward by default: its protocol (joint pairing), hence one reward worker, in order.
+    assert got["reward.custom_reward_function.reward_kwargs.protocol"] == "paper"
+    assert "reward.custom_reward_function.reward_kwargs.pairing" not in got  # the protocol's
+    assert got["reward.num_workers"] == 1 and got["data.shuffle"] is False
+    _check_names_resolve(config)
+
+
+def test_membuilder_protocol_and_its_overrides(default_config: dict[str, Any]) -> None:
+    config = _compose(env={"MODEL_PATH": "m", "PROTOCOL": "membuilder", "SPARSE_REWARD": "true"})
+    got = _check(config, default_config)
+    assert got["reward.custom_reward_function.reward_kwargs.protocol"] == "membuilder"
+    assert got["reward.custom_reward_function.reward_kwargs.sparse_reward"] is True
+    assert got["reward.num_workers"] == 2 and got["data.shuffle"] is True  # expert pairing
     _check_names_resolve(config)
 
 

@@ -157,7 +157,14 @@ def local_ray():
         ray.shutdown()
 
 
-def _config(tokenizer_dir: Path, parquet: Path, server: ScriptedOpenAIServer, pairing: str):
+def _config(
+    tokenizer_dir: Path,
+    parquet: Path,
+    server: ScriptedOpenAIServer,
+    pairing: str,
+    protocol: str = "membuilder",
+    extra: tuple[str, ...] = (),
+):
     from hydra import compose, initialize_config_dir
 
     rk = "+reward.custom_reward_function.reward_kwargs"
@@ -173,6 +180,7 @@ def _config(tokenizer_dir: Path, parquet: Path, server: ScriptedOpenAIServer, pa
                 "reward.reward_manager.source=importlib",
                 "reward.reward_manager.name=MembuilderRewardManager",
                 "reward.reward_manager.module.path=pkg://membuilder.training.reward_manager",
+                f"{rk}.protocol={protocol}",
                 f"{rk}.pairing={pairing}",
                 f"{rk}.answer_model=answer-m",
                 f"{rk}.judge_model=judge-m",
@@ -181,6 +189,7 @@ def _config(tokenizer_dir: Path, parquet: Path, server: ScriptedOpenAIServer, pa
                 f"{rk}.embedder='{EMBEDDER}'",
                 f"{rk}.state_root='{parquet.parent}'",
                 f"{rk}.max_retries=0",
+                *(f"{rk}.{kv}" for kv in extra),
             ],
         )
 
@@ -216,7 +225,14 @@ def _sample(tokenizer, row: dict, response: str, rollout: int):
     return DataProto(batch=batch, non_tensor_batch=ntb)
 
 
-def _run(pairing: str, tokenizer_dir: Path, rl_parquet: Path) -> tuple[dict, ScriptedOpenAIServer]:
+def _run(
+    pairing: str,
+    tokenizer_dir: Path,
+    rl_parquet: Path,
+    protocol: str = "membuilder",
+    rollouts: dict[str, list[str]] = ROLLOUTS,
+    extra: tuple[str, ...] = (),
+) -> tuple[dict, ScriptedOpenAIServer]:
     from transformers import AutoTokenizer
     from verl.experimental.reward_loop import RewardLoopManager
 
@@ -224,12 +240,12 @@ def _run(pairing: str, tokenizer_dir: Path, rl_parquet: Path) -> tuple[dict, Scr
     rows = [r for r in pq.read_table(rl_parquet).to_pylist() if r["extra_info"]["session_index"] == 1]
     assert [r["extra_info"]["agent"] for r in rows] == list(AGENTS)
     with ScriptedOpenAIServer(responder) as server:
-        manager = RewardLoopManager(_config(tokenizer_dir, rl_parquet, server, pairing))
+        manager = RewardLoopManager(_config(tokenizer_dir, rl_parquet, server, pairing, protocol, extra))
         workers = manager.reward_loop_worker_handles
         refs, keys = [], []
         for i, row in enumerate(rows):
             agent = row["extra_info"]["agent"]
-            for r, response in enumerate(ROLLOUTS[agent]):
+            for r, response in enumerate(rollouts[agent]):
                 worker = workers[(i * 2 + r) % len(workers)]  # verl picks at random; spread them
                 refs.append(worker.compute_score.remote(_sample(tokenizer, row, response, r)))
                 keys.append((agent, r))
@@ -274,6 +290,78 @@ def test_rewards_and_weights_through_verl_reward_loop(pairing, local_ray, tokeni
     assert server.count("answer") > 0 and server.count("judge") > 0
 
 
+# The paper protocol (joint pairing, rollout-only QA scope, strict gate) on the same parquet. By hand:
+# top-k 10 = 2k 20 holds every entry, so the QA sees the core block and the rollout's new memories
+# only (base "Alice moved to Paris" is never counted). Rollout 0: Tom and Acme -> task 1; per
+# question one episodic and one semantic memory -> (2, 2, 0), episodic dominates on the tie.
+# Rollout 1: the core SKIP and the reason-less semantic SKIP fail the strict gate (0, and the
+# semantic adds nothing); shopping and a procedure answer nothing -> task 0; counts (2, 0, 2).
+PAPER_ROLLOUTS = {
+    "core": [ROLLOUTS["core"][0], json.dumps({"operation": "SKIP"})],
+    "episodic": ROLLOUTS["episodic"],
+    "semantic": [EXPERT["semantic"], json.dumps({"operations": [{"action": "SKIP"}]})],
+    "procedural": ROLLOUTS["procedural"],
+}
+CORE_R0 = 1.0 * (1 - 0.8 * CORE_PENALTY)
+PAPER_EXPECTED = {  # (reward, weight, format_ok)
+    ("core", 0): (CORE_R0, 1.0, 1.0),
+    ("episodic", 0): (1.0, 4.0, 1.0),
+    ("semantic", 0): (1.0, 1.0, 1.0),
+    ("procedural", 0): (1.0, 1.0, 1.0),
+    ("core", 1): (0.0, 1.0, 0.0),
+    ("episodic", 1): (0.0, 4.0, 1.0),
+    ("semantic", 1): (0.0, 1.0, 0.0),
+    ("procedural", 1): (0.0, 1.0, 1.0),
+}
+# With the sparse ablation (drop rate 0.5, default 1.0, seed 42: draws 0.639 then 0.025) exactly
+# one of the two session-rollouts keeps its QA reward: the one drawn second (verl's workers decide
+# which arrives first, as the reference's thread pool does). The dropped one gets the default task
+# reward 1.0 (times the length factor) where it passed the gate, with no dominant kind (weight 1).
+SPARSE_DROPPED = {  # rollout -> agent -> (reward, weight, format_ok)
+    0: {
+        "core": (CORE_R0, 1.0, 1.0),
+        "episodic": (1.0, 1.0, 1.0),
+        "semantic": (1.0, 1.0, 1.0),
+        "procedural": (1.0, 1.0, 1.0),
+    },
+    1: {
+        "core": (0.0, 1.0, 0.0),  # the core SKIP fails the strict gate
+        "episodic": (1.0, 1.0, 1.0),
+        "semantic": (0.0, 1.0, 0.0),  # the reason-less SKIP fails it too
+        "procedural": (1.0, 1.0, 1.0),
+    },
+}
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_paper_protocol_through_verl_reward_loop(sparse, local_ray, tokenizer_dir, rl_parquet) -> None:
+    extra = ("sparse_reward=true",) if sparse else ()
+    results, server = _run("joint", tokenizer_dir, rl_parquet, "paper", PAPER_ROLLOUTS, extra)
+    assert set(results) == set(PAPER_EXPECTED)
+    dropped = {k[1] for k, res in results.items() if res["reward_extra_info"]["sparse_dropped"] == 1.0}
+    assert len(dropped) == (1 if sparse else 0)
+    expected = dict(PAPER_EXPECTED)
+    for r in dropped:
+        expected.update({(a, r): v for a, v in SPARSE_DROPPED[r].items()})
+    for key, (reward, weight, fmt) in expected.items():
+        res = results[key]
+        info = res["reward_extra_info"]
+        assert res["reward_score"] == pytest.approx(reward, abs=1e-9), key
+        got = (info["adrpo_weight"], info["format_ok"], info["reward_valid"])
+        assert got == pytest.approx((weight, fmt, 1.0)), key
+        # models and embedder are set by the test: overrides of the protocol, recorded as such
+        assert (info["protocol_id"], info["protocol_overridden"]) == (0.0, 1.0), key
+        assert info["sparse_dropped"] == float(key[1] in dropped), key
+    counts = {
+        k: tuple(res["reward_extra_info"][f"retrieved_{b}"] for b in ("episodic", "semantic", "procedural"))
+        for k, res in results.items()
+    }
+    assert counts[("procedural", 0)] == ((0, 0, 0) if 0 in dropped else (2, 2, 0))
+    assert counts[("procedural", 1)] == ((0, 0, 0) if 1 in dropped else (2, 0, 2))
+    # a dropped session-rollout asks nothing: two questions per kept one
+    assert server.count("answer") == 2 * (2 - len(dropped))
+
+
 def test_lengths_counted_with_the_policy_tokenizer(tokenizer_dir, rl_parquet) -> None:
     """With a tokenizer, the policy's and the expert's contents are both counted in its tokens.
 
@@ -296,6 +384,7 @@ def test_lengths_counted_with_the_policy_tokenizer(tokenizer_dir, rl_parquet) ->
             embedder=EMBEDDER,
             state_root=str(rl_parquet.parent),
             tokenizer=str(tokenizer_dir),
+            protocol="membuilder",
         )
         core, eps = RewardScorer(cfg).score_sync(batch)
     assert core.policy_tokens == 1000 and core.length_penalty == 1.0

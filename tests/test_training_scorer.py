@@ -144,6 +144,9 @@ def root(tmp_path: Path) -> Path:
 
 
 def _scorer(root: Path, server: ScriptedOpenAIServer, **kw: Any) -> RewardScorer:
+    # The scenario's hand-computed values are the membuilder protocol's (whole-state QA, lenient
+    # gate); the paper protocol's are in test_training_reward_paper.py.
+    kw.setdefault("protocol", "membuilder")
     cfg = ScorerConfig(
         answer_model="answer-m",
         judge_model="judge-m",
@@ -283,6 +286,7 @@ def test_compute_score_is_verl_shaped(root: Path) -> None:
 
     async def run(server: ScriptedOpenAIServer) -> list[dict]:
         kwargs = {
+            "protocol": "membuilder",
             "pairing": "expert",
             "answer_model": "answer-m",
             "base_url": server.base_url,

