@@ -192,6 +192,8 @@ class RecordSettings:
     temperature: float = 0.0
     max_attempts: int = 3
     retrieve_k: int = 20
+    #: How an agent's existing memories are retrieved (``Protocol.agent_retrieval``).
+    agent_retrieval: str = "per_kind"
     skip_existing: bool = False
     overwrite: bool = False
     #: Protocol.record() and the prompt templates' record, written to the manifest.
@@ -485,6 +487,7 @@ async def record_trajectories(
         temperature=settings.temperature,
         max_attempts=settings.max_attempts,
         retrieve_k=settings.retrieve_k,
+        retrieval=settings.agent_retrieval,
     )
     append_run_log(root, "start", conversations=len(ids), model=settings.expert_model, workers=workers)
     sem = asyncio.Semaphore(max(1, workers))
@@ -848,6 +851,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         max_attempts=args.max_attempts,
         retrieve_k=protocol.agent_top_k,
+        agent_retrieval=protocol.agent_retrieval,
         skip_existing=args.skip_existing,
         overwrite=args.overwrite,
         protocol=protocol.record(),
