@@ -766,17 +766,21 @@ class RewardScorer:
             from membuilder.metrics import token_f1
 
             return float(token_f1(answer, gold))
-        from membuilder.judge import build_judge_messages, parse_judge_label
+        from membuilder.judge import build_judge_messages, parse_judge_label, read_generous_label
         from membuilder.llm import LLMError
 
         model = self.config.judge_model or self.config.answer_model
+        # The reference's reward judges with its evaluation judge (eval/llm_judge.py), so the
+        # reward's judge wording and reading follow the protocol's judge style, as in `eval`.
+        style = self.config.resolved.judge_style
+        read = parse_judge_label if style == "strict" else read_generous_label
         try:
             result = await self.llm.chat(
-                build_judge_messages(question, gold, answer), model=model, temperature=0.0, tag="judge"
+                build_judge_messages(question, gold, answer, style), model=model, temperature=0.0, tag="judge"
             )
         except LLMError as exc:
             raise _CallFailed("judge_call", str(exc)) from exc
-        label = parse_judge_label(result.text)
+        label = read(result.text)
         if label is None:
             if self.config.resolved.judge_unreadable == "wrong":
                 # The paper's judge counts a verdict it cannot read as WRONG (eval/llm_judge.py).
