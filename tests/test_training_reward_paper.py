@@ -247,3 +247,18 @@ def test_unreadable_verdict_counts_as_wrong_under_paper(root: Path) -> None:
     with ScriptedOpenAIServer(mumbling) as server:
         ours, _ = score(root, server, samples, protocol="membuilder", pairing="joint")
     assert not any(r.valid for r in ours) and all(r.weight == 0.0 for r in ours)
+
+
+def test_reward_judge_wording_follows_the_protocol(root: Path) -> None:
+    """Under paper the reward judges with the generous evaluation wording (the reference's reward
+    server calls its eval judge); under membuilder with the strict one."""
+    from membuilder.judge import JUDGE_GENEROUS_SYSTEM
+
+    samples = batch({a: [GOOD[a]] for a in AGENTS})
+    systems = {}
+    for name in ("paper", "membuilder"):
+        with ScriptedOpenAIServer(responder) as server:
+            score(root, server, samples, protocol=name, pairing="joint")
+            systems[name] = {r.messages[0]["content"] for r in server.requests if r.tag == "judge"}
+    assert systems["paper"] == {JUDGE_GENEROUS_SYSTEM}
+    assert systems["membuilder"] and JUDGE_GENEROUS_SYSTEM not in systems["membuilder"]
