@@ -9,10 +9,11 @@ records a failure (``correct is None``) — a label is never made up.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from membuilder._text import loads_shallow
 
 __all__ = ["JUDGE_SYSTEM", "JUDGE_TAG", "Judge", "JudgeResult", "build_judge_messages", "parse_judge_label"]
 
@@ -37,8 +38,13 @@ unavailable; when the gold answer gives any specific information, such an answer
 Reply with one JSON object and nothing else: {"label": "CORRECT"} or {"label": "WRONG"}."""
 
 
+_PROMPT_TAG = re.compile(r"<(/?)(question|gold_answer|generated_answer)\b", re.IGNORECASE)
+
+
 def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
+    # The prompt's own tags inside a field are defused (``<`` -> ``&lt;``) so that an answer
+    # cannot close its block and pose as the gold answer.
+    return _PROMPT_TAG.sub(r"&lt;\1\2", " ".join(str(text).split()))
 
 
 def build_judge_messages(question: str, gold: object, answer: str) -> list[dict[str, str]]:
@@ -56,6 +62,11 @@ def build_judge_messages(question: str, gold: object, answer: str) -> list[dict[
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _LABEL_FIELD = re.compile(r'"?label"?\s*[:=]\s*"?\s*(CORRECT|WRONG|INCORRECT)\b', re.IGNORECASE)
 _WORD = re.compile(r"\b(CORRECT|WRONG|INCORRECT)\b", re.IGNORECASE)
+# "not CORRECT", "isn't correct", "never wrong": a negated label says the opposite of its word.
+_NEGATED = re.compile(
+    r"\b(?:not|no|never|isn't|isnt|aren't|wasn't|hardly)\b\W+(?:\w+\W+){0,2}?(?:CORRECT|WRONG|INCORRECT)\b",
+    re.IGNORECASE,
+)
 
 
 def _label_to_bool(label: str) -> bool | None:
@@ -72,7 +83,8 @@ def parse_judge_label(text: str | None) -> bool | None:
 
     Reads, in order: a JSON object's ``label`` (code fences and reasoning blocks ignored), a
     ``label: X`` field in otherwise broken JSON, and finally a reply that names exactly one of the
-    two labels as a word. A reply that names both (and no label field) is ``None``.
+    two labels as a word. A reply that names both (and no label field), or negates the label it
+    names ("It is not CORRECT"), is ``None``.
     """
     if not text:
         return None
@@ -80,8 +92,8 @@ def parse_judge_label(text: str | None) -> bool | None:
     start, end = s.find("{"), s.rfind("}")
     if 0 <= start < end:
         try:
-            obj = json.loads(s[start : end + 1])
-        except json.JSONDecodeError:
+            obj = loads_shallow(s[start : end + 1])
+        except ValueError:  # not JSON, or nested deep enough to overflow the parser
             obj = None
         if isinstance(obj, dict):
             for key, value in obj.items():
@@ -92,6 +104,8 @@ def parse_judge_label(text: str | None) -> bool | None:
     fields = {m.group(1).upper().replace("INCORRECT", "WRONG") for m in _LABEL_FIELD.finditer(s)}
     if len(fields) == 1:
         return _label_to_bool(fields.pop())
+    if _NEGATED.search(s):
+        return None
     words = {m.group(1).upper().replace("INCORRECT", "WRONG") for m in _WORD.finditer(s)}
     if len(words) == 1:
         return _label_to_bool(words.pop())

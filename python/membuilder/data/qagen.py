@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from membuilder._core import MembuilderError
+from membuilder._text import TooDeep, clean_json, loads_shallow
 from membuilder.data._common import add_endpoint_arguments, make_llm, resolve_cache_dir, setup_logging
 from membuilder.data._io import append_run_log, atomic_write_bytes
 from membuilder.data.schemas import (
@@ -121,16 +122,20 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def _extract_json(text: str) -> Any:
+    """The reply's JSON, with lone surrogates cleaned; ValueError when there is none or it nests
+    too deeply to parse (a reply is data: the caller records the reason)."""
     text = text.strip()
     m = _FENCE.search(text)
     if m:
         text = m.group(1).strip()
     try:
-        return json.loads(text)
+        return clean_json(loads_shallow(text))
+    except TooDeep:
+        raise
     except json.JSONDecodeError:
         start, end = text.find("{"), text.rfind("}")
         if start >= 0 and end > start:
-            return json.loads(text[start : end + 1])
+            return clean_json(loads_shallow(text[start : end + 1]))
         raise
 
 

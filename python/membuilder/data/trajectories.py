@@ -250,13 +250,7 @@ def _call_record(
 
 def _endpoint_failure(result: Any) -> str | None:
     """Why a session must not be recorded (an endpoint failure makes it non-reproducible)."""
-    for call in result.calls:
-        if call.skipped and (call.skip_reason or "").startswith("llm_error"):
-            return f"agent {call.agent}: {call.skip_reason}"
-    comp = getattr(result, "compression", None)
-    if comp is not None and comp.error:
-        return f"core compression: {comp.error}"
-    return None
+    return result.endpoint_failure()
 
 
 def _check_manifest(root: Path, manifest: TrajectoryManifest) -> None:
