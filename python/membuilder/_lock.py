@@ -82,13 +82,15 @@ class DirectoryLock:
         self.release()
 
 
-def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+def remove_stale_temp_files(directory: str | Path, also: tuple[str, ...] = ()) -> list[Path]:
     """Delete temporary state files (``.<name>.tmp-<pid>-<n>``, written by the core before the
     rename that publishes a state) whose writer is no longer running; returns what was removed.
 
     A kill or a full disk between the write and the rename leaves one behind. Called by a run that
     holds the directory's lock, so no live writer of this directory can own one either way; the
-    pid check is a second guard for directories shared without the lock.
+    pid check is a second guard for directories shared without the lock. ``also``: glob patterns
+    of other temporary files (without a pid in their names) that the caller, holding the lock,
+    knows to be stale.
     """
     directory = Path(directory)
     removed: list[Path] = []
@@ -103,6 +105,14 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
             removed.append(p)
         except OSError:
             pass
+    for pattern in also:
+        for p in directory.glob(pattern):
+            if p.is_file() and p.name != LOCK_FILE:
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
     return removed
 
 

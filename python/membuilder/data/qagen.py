@@ -392,24 +392,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from membuilder._errors import os_error_line
+    from membuilder._lock import DirectoryLock
+    from membuilder.data.trajectories import read_manifest
+
     setup_logging(getattr(args, "verbose", False))
-    cache_dir = resolve_cache_dir(args.cache_dir, args.trajectories / ".llm_cache")
+    root = Path(args.trajectories)
+    try:
+        # Refuse before anything is created: a wrong path must not become a new directory.
+        if not root.is_dir():
+            what = "does not exist" if not root.exists() else "is a file, not a directory"
+            raise MembuilderError(f"--trajectories {root} {what}")
+        read_manifest(root)  # the same manifest checks as the exports (truncated, other version)
+    except MembuilderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cache_dir = resolve_cache_dir(args.cache_dir, root / ".llm_cache")
 
     async def main() -> dict[str, int]:
         llm = make_llm(args, cache_dir)
         try:
-            return await generate_qa(
-                args.trajectories,
-                llm,
-                n=args.per_session,
-                model=args.model,
-                max_attempts=args.max_attempts,
-                max_memories=args.max_memories,
-                skip_existing=args.skip_existing,
-                overwrite=args.overwrite,
-                workers=args.workers,
-                conversation_ids=args.conv_id,
-            )
+            with DirectoryLock(root, "trajectory directory"):
+                return await generate_qa(
+                    root,
+                    llm,
+                    n=args.per_session,
+                    model=args.model,
+                    max_attempts=args.max_attempts,
+                    max_memories=args.max_memories,
+                    skip_existing=args.skip_existing,
+                    overwrite=args.overwrite,
+                    workers=args.workers,
+                    conversation_ids=args.conv_id,
+                )
         finally:
             await llm.aclose()
 
@@ -418,5 +433,12 @@ def run(args: argparse.Namespace) -> int:
     except MembuilderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        line, code = os_error_line(exc)
+        print(f"error: {line}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("interrupted; QA of finished conversations is saved, rerun with --skip-existing", file=sys.stderr)
+        return 130
     print(json.dumps(counts, sort_keys=True))
     return 0
