@@ -319,12 +319,20 @@ class MemorySystem:
                 f"{sidecar} not found: MemorySystem.load needs the settings file written by "
                 "MemorySystem.save beside the state (use MemoryState.load for a bare state file)"
             ) from None
-        except json.JSONDecodeError as exc:
-            raise InvalidArgumentError(f"{sidecar} is not valid JSON: {exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise InvalidArgumentError(f"{sidecar} is not valid JSON: {str(exc)[:200]}") from None
+        except OSError as exc:
+            raise InvalidArgumentError(f"{sidecar} cannot be read: {exc.strerror or exc}") from None
         if not isinstance(meta, dict) or meta.get("format") != _SIDECAR_FORMAT:
             raise InvalidArgumentError(f"{sidecar} is not a MemorySystem settings file ({_SIDECAR_FORMAT})")
-        config = MemoryConfig.from_dict(meta.get("config", {}))
         saved = meta.get("embedder", {})
+        if not isinstance(meta.get("config", {}), dict) or not isinstance(saved, dict):
+            raise InvalidArgumentError(f"{sidecar}: 'config' and 'embedder' must be JSON objects")
+        try:
+            config = MemoryConfig.from_dict(meta.get("config", {}))
+        except (InvalidArgumentError, TypeError, ValueError) as exc:
+            # Name the file: the message of a bad field alone does not say where it came from.
+            raise InvalidArgumentError(f"{sidecar}: bad settings: {exc}") from None
         if embedder is None:
             from membuilder.embed import make_embedder
 
@@ -336,6 +344,9 @@ class MemorySystem:
                 f"the memory at {path} was built with embedder {saved.get('name')!r}; got {name!r}. "
                 "Pass embedder= the same embedder (vectors from different models are not comparable)."
             )
+        sessions_added = meta.get("sessions_added", 0)
+        if not isinstance(sessions_added, int) or isinstance(sessions_added, bool) or sessions_added < 0:
+            raise InvalidArgumentError(f"{sidecar}: 'sessions_added' must be a count, got {sessions_added!r}")
         state = MemoryState.load(path)
         return cls(
             llm=llm,
@@ -343,7 +354,7 @@ class MemorySystem:
             config=config,
             api_key=api_key,
             state=state,
-            sessions_added=int(meta.get("sessions_added", 0)),
+            sessions_added=sessions_added,
         )
 
     # -- lifetime -----------------------------------------------------------------------------------
