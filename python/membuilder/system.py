@@ -333,6 +333,9 @@ class MemorySystem:
         except (InvalidArgumentError, TypeError, ValueError) as exc:
             # Name the file: the message of a bad field alone does not say where it came from.
             raise InvalidArgumentError(f"{sidecar}: bad settings: {exc}") from None
+        sessions_added = meta.get("sessions_added", 0)
+        if not isinstance(sessions_added, int) or isinstance(sessions_added, bool) or sessions_added < 0:
+            raise InvalidArgumentError(f"{sidecar}: 'sessions_added' must be a count, got {sessions_added!r}")
         if embedder is None:
             from membuilder.embed import make_embedder
 
@@ -344,9 +347,6 @@ class MemorySystem:
                 f"the memory at {path} was built with embedder {saved.get('name')!r}; got {name!r}. "
                 "Pass embedder= the same embedder (vectors from different models are not comparable)."
             )
-        sessions_added = meta.get("sessions_added", 0)
-        if not isinstance(sessions_added, int) or isinstance(sessions_added, bool) or sessions_added < 0:
-            raise InvalidArgumentError(f"{sidecar}: 'sessions_added' must be a count, got {sessions_added!r}")
         state = MemoryState.load(path)
         return cls(
             llm=llm,
