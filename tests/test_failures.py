@@ -150,7 +150,8 @@ def recording(tmp_path_factory: pytest.TempPathFactory, longmemeval_dir: Path, c
     with ScriptedOpenAIServer(MemoryResponder(qa_gen=typed_qa)) as server:
         assert cli_main(traj_args(server.base_url, longmemeval_dir, root, conv_id)) == 0
         rc = cli_main(["qa-gen", "--trajectories", str(root), "--per-session", "2", "--model", "qa-m",
-                       "--provider", "compatible", "--base-url", server.base_url, "--api-key", "k"])  # fmt: skip
+                       "--provider", "compatible", "--base-url", server.base_url,
+                       "--api-key", "k"])  # fmt: skip
         assert rc == 0
     return root
 
@@ -177,7 +178,9 @@ def test_failed_session_is_not_saved_refused_for_answering_and_rebuilt_on_resume
     responder = Scripted()
     responder.outage = ("[D2:1]",)  # every agent call of session 2 fails for good
     with ScriptedOpenAIServer(responder) as server:
-        build = eval_args(locomo_path, out, server, "--conv-id", "conv-26", "--sessions", "3", "--mode", "build")
+        build = eval_args(
+            locomo_path, out, server, "--conv-id", "conv-26", "--sessions", "3", "--mode", "build"
+        )
         proc = cli(*build)
         assert proc.returncode == 1, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
@@ -253,16 +256,15 @@ def test_a_second_writer_is_refused_naming_the_holder(
         assert not (out / "results.jsonl").exists()
         proc = cli("trajectories", "--dataset", "locomo", "--data-path", str(locomo_path), "--conv-id",
                    "conv-26", "--expert-model", "m", "--provider", "compatible", "--base-url",
-                   "http://127.0.0.1:9/v1", "--embedder", "hash", "--output-dir", str(traj), "--skip-existing")  # fmt: skip
+                   "http://127.0.0.1:9/v1", "--embedder", "hash", "--output-dir", str(traj),
+                   "--skip-existing")  # fmt: skip
         assert proc.returncode == 2 and me in proc.stderr and "Traceback" not in proc.stderr
         proc = cli("qa-gen", "--trajectories", str(traj), "--model", "m", "--provider", "compatible",
                    "--base-url", "http://127.0.0.1:9/v1", "--skip-existing")  # fmt: skip
         assert_one_line_error(proc, 2, me)
-        assert_one_line_error(
-            cli("export-sft", "--trajectories", str(recording), "--output", str(tmp_path / "exports" / "s.json")),
-            2,
-            me,
-        )
+        sft = tmp_path / "exports" / "s.json"
+        proc = cli("export-sft", "--trajectories", str(recording), "--output", str(sft))
+        assert_one_line_error(proc, 2, me)
         with pytest.raises(DirectoryBusyError):
             DirectoryLock(out).acquire()  # a second lock in the same process is refused too
 
@@ -395,7 +397,9 @@ def test_text_guards() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _one_line_cases(locomo: Path, lme: Path, recording: Path, tmp: Path) -> list[tuple[str, list[str], list[str]]]:
+def _one_line_cases(
+    locomo: Path, lme: Path, recording: Path, tmp: Path
+) -> list[tuple[str, list[str], list[str]]]:
     """(case, argv, needles) for every bad input that must give one line and exit 2."""
     deep = tmp / "deep.json"
     deep.write_text(_deep_json())
@@ -429,10 +433,12 @@ def _one_line_cases(locomo: Path, lme: Path, recording: Path, tmp: Path) -> list
           "--expert-model", "m", *endpoint, "--embedder", "hash", "--output-dir", str(a_file)],
          [str(a_file), "is a file"]),
         ("eval: --output-dir is a file",
-         ["eval", "--dataset", "locomo", "--data-path", str(locomo), "--conv-id", "conv-26", "--builder", "raw",
-          "--mode", "retrieval", "--embedder", "hash", "--output-dir", str(a_file)], [str(a_file)]),
+         ["eval", "--dataset", "locomo", "--data-path", str(locomo), "--conv-id", "conv-26",
+          "--builder", "raw", "--mode", "retrieval", "--embedder", "hash", "--output-dir", str(a_file)],
+         [str(a_file)]),
         ("export-sft: --output is a directory",
-         ["export-sft", "--trajectories", str(recording), "--output", str(as_dir)], [str(as_dir), "directory"]),
+         ["export-sft", "--trajectories", str(recording), "--output", str(as_dir)],
+         [str(as_dir), "directory"]),
         ("eval: --data-path is a directory",
          ["eval", "--dataset", "locomo", "--data-path", str(tmp), "--builder", "raw", "--mode", "retrieval",
           "--embedder", "hash", "--output-dir", str(tmp / "e2")], [str(tmp), "not a regular file"]),
@@ -476,7 +482,9 @@ def test_os_errors_map_to_one_line_and_a_status() -> None:
     assert code == 1 and "disk is full" in line
 
 
-def test_damaged_results_line_on_resume_is_refused_and_nothing_is_cut(locomo_path: Path, tmp_path: Path) -> None:
+def test_damaged_results_line_on_resume_is_refused_and_nothing_is_cut(
+    locomo_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     argv = eval_args(locomo_path, out, None, "--conv-id", "conv-26", "--sessions", "2", "--questions", "3",
                      "--mode", "retrieval", "--builder", "raw")  # fmt: skip
@@ -529,7 +537,8 @@ def test_memory_system_load_names_a_corrupt_settings_file(tmp_path: Path, conten
     from membuilder.embed import make_embedder
 
     path = tmp_path / "m.mbs"
-    MemorySystem(config=MemoryConfig(builder="raw", embedder="hash"), embedder=make_embedder("hash")).save(path)
+    config = MemoryConfig(builder="raw", embedder="hash")
+    MemorySystem(config=config, embedder=make_embedder("hash")).save(path)
     Path(f"{path}.meta.json").write_bytes(content)
     with pytest.raises(InvalidArgumentError, match=r"m\.mbs\.meta\.json"):
         MemorySystem.load(path)
@@ -540,7 +549,9 @@ def test_memory_system_load_names_a_corrupt_settings_file(tmp_path: Path, conten
 # --------------------------------------------------------------------------------------------
 
 
-def test_qa_gen_and_exports_refuse_the_same_bad_trajectory_directories(recording: Path, tmp_path: Path) -> None:
+def test_qa_gen_and_exports_refuse_the_same_bad_trajectory_directories(
+    recording: Path, tmp_path: Path
+) -> None:
     endpoint = ["--model", "m", "--provider", "compatible", "--base-url", "http://127.0.0.1:9/v1"]
     missing = tmp_path / "nonexistent" / "traj"
     assert_one_line_error(cli("qa-gen", "--trajectories", str(missing), *endpoint), 2, "does not exist")
@@ -549,10 +560,14 @@ def test_qa_gen_and_exports_refuse_the_same_bad_trajectory_directories(recording
         root = _copy(recording, tmp_path / kind)
         manifest = root / "manifest.json"
         data = manifest.read_bytes()
-        manifest.write_bytes(data[: len(data) // 2] if kind == "truncated" else data.replace(b'"version":1', b'"version":99'))
+        if kind == "truncated":
+            manifest.write_bytes(data[: len(data) // 2])
+        else:
+            manifest.write_bytes(data.replace(b'"version":1', b'"version":99'))
         for argv in (["qa-gen", "--trajectories", str(root), *endpoint, "--overwrite"],
                      ["export-sft", "--trajectories", str(root), "--output", str(tmp_path / f"{kind}.json")],
-                     ["export-rl", "--trajectories", str(root), "--output", str(tmp_path / f"{kind}.parquet")]):  # fmt: skip
+                     ["export-rl", "--trajectories", str(root),
+                      "--output", str(tmp_path / f"{kind}.parquet")]):  # fmt: skip
             needle = "format version 99" if kind == "version-99" else "not a JSON object"
             assert_one_line_error(cli(*argv), 2, "manifest", needle)
 
@@ -599,7 +614,8 @@ def _date_cases(locomo: Path, lme: Path, tmp: Path) -> list[tuple[str, str, Path
             text.replace('"March 3, 2022"', '"whenever"', 1)
         )
         mem_file.write_text(text)
-        cases.append((f"perltqa {kind} time", "perltqa", d, "Creation Time" if kind == "event" else "contents"))
+        item = "Creation Time" if kind == "event" else "contents"
+        cases.append((f"perltqa {kind} time", "perltqa", d, item))
     return cases
 
 
@@ -612,8 +628,9 @@ def test_dates_that_are_not_dates_are_refused_naming_file_and_item(
             load_dataset(dataset, path)
         assert item in str(info.value) and "is not a date" in str(info.value), (name, str(info.value))
     # and through the command: one line, exit 2
-    proc = cli("eval", "--dataset", "locomo", "--data-path", str(tmp_path / "locomo.json"), "--builder", "raw",
-               "--mode", "retrieval", "--embedder", "hash", "--output-dir", str(tmp_path / "run"))  # fmt: skip
+    proc = cli("eval", "--dataset", "locomo", "--data-path", str(tmp_path / "locomo.json"),
+               "--builder", "raw", "--mode", "retrieval", "--embedder", "hash",
+               "--output-dir", str(tmp_path / "run"))  # fmt: skip
     assert_one_line_error(proc, 2, "locomo.json", "session_1_date_time", "'sometime in spring' is not a date")
 
 
@@ -626,7 +643,8 @@ def _forge_core(path: Path, core: str) -> None:
     meta["core"] = core
     doc = json.dumps(meta, separators=(",", ":")).encode()
     payload = struct.pack("<Q", len(doc)) + doc + payload[8 + json_len :]
-    header = data[:16] + struct.pack("<Q", len(payload)) + struct.pack("<I", zlib.crc32(payload)) + data[28:32]
+    sizes = struct.pack("<Q", len(payload)) + struct.pack("<I", zlib.crc32(payload))
+    header = data[:16] + sizes + data[28:32]
     path.write_bytes(header + payload)
 
 
@@ -669,23 +687,25 @@ def test_keys_in_urls_never_reach_logs_or_files(
         assert SECRET not in proc.stderr + proc.stdout
     # a key in the query string (Azure style) of an offline run's endpoint
     out2 = tmp_path / "eval-query"
-    proc = cli(*eval_args(locomo_path, out2, None, "--conv-id", "conv-26", "--sessions", "1", "--builder", "raw",
-                          "--mode", "retrieval", "--base-url", f"https://example.invalid/v1?api-key={SECRET}",
-                          "-v"))  # fmt: skip
+    proc = cli(*eval_args(locomo_path, out2, None, "--conv-id", "conv-26", "--sessions", "1",
+                          "--builder", "raw", "--mode", "retrieval",
+                          "--base-url", f"https://example.invalid/v1?api-key={SECRET}", "-v"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert SECRET not in proc.stderr + proc.stdout
     for root in (traj, out, out2):
         for p in root.rglob("*"):
             if p.is_file():
                 assert SECRET.encode() not in p.read_bytes(), p
-    assert json.loads((out2 / "run.json").read_text())["config"]["base_url"] == "https://example.invalid/v1?api-key=***"
+    recorded = json.loads((out2 / "run.json").read_text())["config"]["base_url"]
+    assert recorded == "https://example.invalid/v1?api-key=***"
 
 
 def test_redaction_functions() -> None:
     assert redact_url(f"https://u:{SECRET}@h.example/v1") == "https://***@h.example/v1"
     assert redact_url(f"https://h.example/v1?api-key={SECRET}&x=1") == "https://h.example/v1?api-key=***&x=1"
     assert redact_url("http://localhost:8000/v1") == "http://localhost:8000/v1"
-    assert SECRET not in redact_text(f'POST http://a:{SECRET}@h/v1/chat "200 OK" and https://h/?token={SECRET}')
+    line = f'POST http://a:{SECRET}@h/v1/chat "200 OK" and https://h/?token={SECRET}'
+    assert SECRET not in redact_text(line)
 
 
 def test_openai_embedder_goes_to_the_given_base_url(locomo_path: Path, tmp_path: Path) -> None:

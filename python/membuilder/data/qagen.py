@@ -438,7 +438,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {line}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
-        print("interrupted; QA of finished conversations is saved, rerun with --skip-existing", file=sys.stderr)
+        print(
+            "interrupted; QA of finished conversations is saved, rerun with --skip-existing",
+            file=sys.stderr,
+        )
         return 130
     print(json.dumps(counts, sort_keys=True))
     return 0

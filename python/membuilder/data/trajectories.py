@@ -110,8 +110,12 @@ def read_meta(path: str | Path) -> ConversationMeta:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DataFormatError(f"conversation metadata ({path}): cannot be read: {exc.strerror or exc}", path) from None
-    return decode_versioned(data, ConversationMeta, TRAJECTORY_VERSION, what="conversation metadata", path=path)
+        raise DataFormatError(
+            f"conversation metadata ({path}): cannot be read: {exc.strerror or exc}", path
+        ) from None
+    return decode_versioned(
+        data, ConversationMeta, TRAJECTORY_VERSION, what="conversation metadata", path=path
+    )
 
 
 @dataclass
@@ -786,7 +790,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {line}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
-        print("interrupted; every recorded session is saved, rerun with --skip-existing to go on", file=sys.stderr)
+        print(
+            "interrupted; every recorded session is saved, rerun with --skip-existing to go on",
+            file=sys.stderr,
+        )
         return 130
     for cid, message in sorted(summary["failed"].items()):
         print(f"error: {cid}: {redact_text(message)}", file=sys.stderr)

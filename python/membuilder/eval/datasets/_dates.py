@@ -15,7 +15,17 @@ from pathlib import Path
 from membuilder.eval.datasets._types import DatasetError
 
 #: Forms of PerLTQA's free-text event times ("March 3, 2022", "August 2022", "2022-03-03").
-_LOOSE_FORMATS = ("%B %d, %Y", "%b %d, %Y", "%d %B %Y", "%B %Y", "%b %Y", "%Y-%m-%d", "%Y-%m", "%Y/%m/%d", "%Y")
+_LOOSE_FORMATS = (
+    "%B %d, %Y",
+    "%b %d, %Y",
+    "%d %B %Y",
+    "%B %Y",
+    "%b %Y",
+    "%Y-%m-%d",
+    "%Y-%m",
+    "%Y/%m/%d",
+    "%Y",
+)
 
 
 def parse_loose_date(text: str) -> datetime | None:
