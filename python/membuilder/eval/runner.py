@@ -611,13 +611,6 @@ class Runner:
         self.embedder = make_embedder(cfg.embedder, cache_dir=cfg.embed_cache_dir, **endpoint)
         locks = contextlib.ExitStack()
         try:
-            # One writer per directory: a second run on the same output (or memory being built)
-            # is refused before it reads or writes anything.
-            locks.enter_context(DirectoryLock(cfg.output_dir, "eval output directory"))
-            if cfg.needs_build:
-                locks.enter_context(DirectoryLock(cfg.memory_dir, "memory directory (--db-path)"))
-                for p in remove_stale_temp_files(cfg.memory_dir):
-                    log.info("removed %s, left by an interrupted run", p)
             # Create every client now: a missing key should fail before hours of building, not after.
             if cfg.needs_build and cfg.builder == "llm":
                 self._client("build")
@@ -625,6 +618,14 @@ class Runner:
                 self._client("answer")
                 if cfg.judge == "llm":
                     self._client("judge")
+            # One writer per directory: a second run on the same output (or memory being built)
+            # is refused before it reads or writes anything.
+            locks.enter_context(DirectoryLock(cfg.output_dir, "eval output directory"))
+            if cfg.needs_build:
+                if cfg.memory_dir.resolve() != cfg.output_dir.resolve():
+                    locks.enter_context(DirectoryLock(cfg.memory_dir, "memory directory (--db-path)"))
+                for p in remove_stale_temp_files(cfg.memory_dir):
+                    log.info("removed %s, left by an interrupted run", p)
             existing = self._prepare_output(ds)
             done_ids = {r["question_id"] for r in existing}
             log.info(
