@@ -746,3 +746,16 @@ def test_stale_temp_files_are_cleaned_on_the_next_run(
         assert cli_main(traj_args(server.base_url, longmemeval_dir, root, conv_id, "--skip-existing")) == 0
     assert not any(p.exists() for p in leftovers)
     assert iter_conversations(root)[0].meta.complete
+
+
+def test_memory_system_openai_embedder_goes_to_the_configured_base_url() -> None:
+    with ScriptedOpenAIServer(MemoryResponder()) as server:
+        config = MemoryConfig(
+            builder="raw", embedder="openai:emb-test", provider="compatible", base_url=server.base_url
+        )
+        mem = MemorySystem(config=config, api_key="k")
+        try:
+            mem.embedder.embed_passages(["we adopted a beagle"])
+        finally:
+            mem.close()
+        assert server.count(path="/embeddings") >= 1

@@ -101,6 +101,14 @@ class MemoryConfig:
         return cfg
 
 
+def _embed_endpoint(config: MemoryConfig, api_key: str | None) -> dict[str, Any]:
+    """Endpoint arguments of a remote embedder: the configured ``base_url`` (and key), so that
+    embeddings go where the models go, never silently to the public API."""
+    if not str(config.embedder).strip().lower().startswith("openai"):
+        return {}
+    return {"base_url": config.base_url, "api_key": api_key}
+
+
 class MemorySystem:
     """A memory for one conversation partner: add sessions, then search and answer.
 
@@ -130,7 +138,11 @@ class MemorySystem:
         if embedder is None:
             from membuilder.embed import make_embedder
 
-            embedder = make_embedder(self.config.embedder, cache_dir=self._cache_path("embeddings"))
+            embedder = make_embedder(
+                self.config.embedder,
+                cache_dir=self._cache_path("embeddings"),
+                **_embed_endpoint(self.config, api_key),
+            )
         self.embedder = embedder
         if state is None:
             state = MemoryState(
@@ -340,7 +352,7 @@ class MemorySystem:
             from membuilder.embed import make_embedder
 
             cache = Path(config.cache_dir) / "embeddings" if config.cache_dir else None
-            embedder = make_embedder(config.embedder, cache_dir=cache)
+            embedder = make_embedder(config.embedder, cache_dir=cache, **_embed_endpoint(config, api_key))
         name = getattr(embedder, "name", None)
         if saved.get("name") is not None and name != saved.get("name"):
             raise InvalidArgumentError(
