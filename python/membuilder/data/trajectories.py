@@ -14,6 +14,12 @@ Because the output holds no wall-clock times and lines are written in a fixed or
 order, agents core, episodic, semantic, procedural), an interrupted-then-resumed run writes the
 same bytes as an uninterrupted one. Times go to ``run_log.jsonl`` only.
 
+``--skip-existing`` verifies a conversation before it skips or resumes it (:func:`verify_sessions`:
+each session's line count and records, and the hashes of its state files) and records again from
+the first session that does not check out. One run at a time writes an output directory: the
+run holds an exclusive lock on it (:mod:`membuilder._lock`), and a second is refused naming the
+first one's pid; temporary files a killed run left behind are removed by the next.
+
 A session in which an agent call failed at the endpoint (after the client's retries) is not
 recorded: the conversation stops there with an error, to be resumed later. An expert output that
 fails the format gate after all attempts *is* recorded (``ok`` false): that is data.
