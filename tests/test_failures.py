@@ -732,10 +732,12 @@ def test_stale_temp_files_are_cleaned_on_the_next_run(
                      "--builder", "raw")  # fmt: skip
     assert cli_main(argv) == 0
     dead = 999_999_999  # above any pid_max: no live process has it
-    stale = out / "memory" / f".conv-26.s0003.state.tmp-{dead}-0"
-    stale.write_bytes(b"half a state")
+    stale = [out / "memory" / f".conv-26.s0003.state.tmp-{dead}-0", out / ".summary.json.tmp4242",
+             out / "memory" / ".conv-26.progress.json.tmp4242"]  # fmt: skip
+    for p in stale:
+        p.write_bytes(b"half a file")
     assert cli(*argv, "--resume").returncode == 0
-    assert not stale.exists()
+    assert not any(p.exists() for p in stale)
 
     root = _copy(recording, tmp_path)
     leftovers = [root / "states" / f".x.mbstate.tmp-{dead}-3", root / "states" / ".0123abcd.tmp.mbstate",

@@ -624,8 +624,13 @@ class Runner:
             if cfg.needs_build:
                 if cfg.memory_dir.resolve() != cfg.output_dir.resolve():
                     locks.enter_context(DirectoryLock(cfg.memory_dir, "memory directory (--db-path)"))
-                for p in remove_stale_temp_files(cfg.memory_dir):
-                    log.info("removed %s, left by an interrupted run", p)
+            # Holding the locks, a temporary file here was left by a run that was killed
+            # between writing it and renaming it into place (write_json_atomic: ".<name>.tmp<pid>").
+            stale = remove_stale_temp_files(cfg.output_dir, also=(".*.tmp[0-9]*",))
+            if cfg.needs_build:
+                stale += remove_stale_temp_files(cfg.memory_dir, also=(".*.tmp[0-9]*",))
+            for p in stale:
+                log.info("removed %s, left by an interrupted run", p)
             existing = self._prepare_output(ds)
             done_ids = {r["question_id"] for r in existing}
             log.info(
