@@ -56,7 +56,10 @@ class DirectoryLock:
             os.close(fd)
             raise
         os.ftruncate(fd, 0)
-        command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:3]))
+        # Program and subcommand only: a later argument may be a key (--api-key=...).
+        words = [os.path.basename(sys.argv[0])] if sys.argv and sys.argv[0] else []
+        words += [a for a in sys.argv[1:2] if not a.startswith("-")]
+        command = " ".join(words) or "python"
         os.pwrite(fd, f"{os.getpid()} ({command})\n".encode(), 0)
         self._fd = fd
         return self
