@@ -25,10 +25,6 @@ def clean_text(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
-def has_surrogates(text: str) -> bool:
-    return _SURROGATE.search(text) is not None
-
-
 def json_depth(text: str | bytes) -> int:
     """The deepest ``[``/``{`` nesting of ``text`` read as JSON, strings skipped (no parsing, no
     recursion; works on invalid JSON too)."""
