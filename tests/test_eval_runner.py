@@ -541,6 +541,8 @@ def test_perltqa_fixture_through_the_runner(tmp_path: Path) -> None:
         "sessions_built_this_run": 5,
         "questions": 7,
         "results": 7,
+        "conversations_failed": 0,
+        "questions_skipped_failed_build": 0,
     }
 
 

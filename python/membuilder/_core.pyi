@@ -283,10 +283,13 @@ class MemoryState(_Store):
         """A copy-free view over this state as it is now; later changes to the state (or the
         view) never show through to the other."""
     def save(self, path: str | PathLike[str]) -> None:
-        """Write atomically (temp file + fsync + rename); a crash leaves any previous file intact."""
+        """Write atomically (temp file + fsync + rename); a crash leaves any previous file intact.
+        A core block over ``core_limit`` is refused (StateFileError, ``"malformed"``): condense it
+        first, so that what is saved always loads."""
     @staticmethod
     def load(path: str | PathLike[str]) -> MemoryState:
-        """Raises StateFileError naming the file and the problem."""
+        """Raises StateFileError naming the file and the problem (a core block over the state's
+        ``core_limit`` is ``"malformed"``)."""
     def copy(self) -> MemoryState:
         """A deep copy (what views avoid)."""
     def to_dict(self) -> dict[str, object]:

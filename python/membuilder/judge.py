@@ -20,10 +20,11 @@ caller (the eval runner).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from membuilder._text import loads_shallow
 
 __all__ = [
     "JUDGE_GENEROUS_SYSTEM",
@@ -83,8 +84,13 @@ Write one sentence saying why, then end with the label as a JSON object with the
 {"label": "CORRECT"} or {"label": "WRONG"}. Put only one of the two labels in that object."""
 
 
+_PROMPT_TAG = re.compile(r"<(/?)(question|gold_answer|generated_answer)\b", re.IGNORECASE)
+
+
 def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
+    # The prompt's own tags inside a field are defused (``<`` -> ``&lt;``) so that an answer
+    # cannot close its block and pose as the gold answer.
+    return _PROMPT_TAG.sub(r"&lt;\1\2", " ".join(str(text).split()))
 
 
 def build_judge_messages(
@@ -113,6 +119,11 @@ def build_judge_messages(
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _LABEL_FIELD = re.compile(r'"?label"?\s*[:=]\s*"?\s*(CORRECT|WRONG|INCORRECT)\b', re.IGNORECASE)
 _WORD = re.compile(r"\b(CORRECT|WRONG|INCORRECT)\b", re.IGNORECASE)
+# "not CORRECT", "isn't correct", "never wrong": a negated label says the opposite of its word.
+_NEGATED = re.compile(
+    r"\b(?:not|no|never|isn't|isnt|aren't|wasn't|hardly)\b\W+(?:\w+\W+){0,2}?(?:CORRECT|WRONG|INCORRECT)\b",
+    re.IGNORECASE,
+)
 
 
 def _label_to_bool(label: str) -> bool | None:
@@ -129,7 +140,8 @@ def parse_judge_label(text: str | None) -> bool | None:
 
     Reads, in order: a JSON object's ``label`` (code fences and reasoning blocks ignored), a
     ``label: X`` field in otherwise broken JSON, and finally a reply that names exactly one of the
-    two labels as a word. A reply that names both (and no label field) is ``None``.
+    two labels as a word. A reply that names both (and no label field), or negates the label it
+    names ("It is not CORRECT"), is ``None``.
     """
     if not text:
         return None
@@ -137,8 +149,8 @@ def parse_judge_label(text: str | None) -> bool | None:
     start, end = s.find("{"), s.rfind("}")
     if 0 <= start < end:
         try:
-            obj = json.loads(s[start : end + 1])
-        except json.JSONDecodeError:
+            obj = loads_shallow(s[start : end + 1])
+        except ValueError:  # not JSON, or nested deep enough to overflow the parser
             obj = None
         if isinstance(obj, dict):
             for key, value in obj.items():
@@ -149,6 +161,8 @@ def parse_judge_label(text: str | None) -> bool | None:
     fields = {m.group(1).upper().replace("INCORRECT", "WRONG") for m in _LABEL_FIELD.finditer(s)}
     if len(fields) == 1:
         return _label_to_bool(fields.pop())
+    if _NEGATED.search(s):
+        return None
     words = {m.group(1).upper().replace("INCORRECT", "WRONG") for m in _WORD.finditer(s)}
     if len(words) == 1:
         return _label_to_bool(words.pop())
@@ -167,8 +181,8 @@ def read_generous_label(text: str | None) -> bool | None:
     if not 0 <= start < end:
         return None
     try:
-        obj = json.loads(s[start : end + 1])
-    except json.JSONDecodeError:
+        obj = loads_shallow(s[start : end + 1])
+    except ValueError:  # not JSON, or nested deep enough to overflow the parser
         return None
     if not isinstance(obj, dict):
         return None

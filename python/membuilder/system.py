@@ -101,6 +101,14 @@ class MemoryConfig:
         return cfg
 
 
+def _embed_endpoint(config: MemoryConfig, api_key: str | None) -> dict[str, Any]:
+    """Endpoint arguments of a remote embedder: the configured ``base_url`` (and key), so that
+    embeddings go where the models go, never silently to the public API."""
+    if not str(config.embedder).strip().lower().startswith("openai"):
+        return {}
+    return {"base_url": config.base_url, "api_key": api_key}
+
+
 class MemorySystem:
     """A memory for one conversation partner: add sessions, then search and answer.
 
@@ -130,7 +138,11 @@ class MemorySystem:
         if embedder is None:
             from membuilder.embed import make_embedder
 
-            embedder = make_embedder(self.config.embedder, cache_dir=self._cache_path("embeddings"))
+            embedder = make_embedder(
+                self.config.embedder,
+                cache_dir=self._cache_path("embeddings"),
+                **_embed_endpoint(self.config, api_key),
+            )
         self.embedder = embedder
         if state is None:
             state = MemoryState(
@@ -319,17 +331,28 @@ class MemorySystem:
                 f"{sidecar} not found: MemorySystem.load needs the settings file written by "
                 "MemorySystem.save beside the state (use MemoryState.load for a bare state file)"
             ) from None
-        except json.JSONDecodeError as exc:
-            raise InvalidArgumentError(f"{sidecar} is not valid JSON: {exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise InvalidArgumentError(f"{sidecar} is not valid JSON: {str(exc)[:200]}") from None
+        except OSError as exc:
+            raise InvalidArgumentError(f"{sidecar} cannot be read: {exc.strerror or exc}") from None
         if not isinstance(meta, dict) or meta.get("format") != _SIDECAR_FORMAT:
             raise InvalidArgumentError(f"{sidecar} is not a MemorySystem settings file ({_SIDECAR_FORMAT})")
-        config = MemoryConfig.from_dict(meta.get("config", {}))
         saved = meta.get("embedder", {})
+        if not isinstance(meta.get("config", {}), dict) or not isinstance(saved, dict):
+            raise InvalidArgumentError(f"{sidecar}: 'config' and 'embedder' must be JSON objects")
+        try:
+            config = MemoryConfig.from_dict(meta.get("config", {}))
+        except (InvalidArgumentError, TypeError, ValueError) as exc:
+            # Name the file: the message of a bad field alone does not say where it came from.
+            raise InvalidArgumentError(f"{sidecar}: bad settings: {exc}") from None
+        sessions_added = meta.get("sessions_added", 0)
+        if not isinstance(sessions_added, int) or isinstance(sessions_added, bool) or sessions_added < 0:
+            raise InvalidArgumentError(f"{sidecar}: 'sessions_added' must be a count, got {sessions_added!r}")
         if embedder is None:
             from membuilder.embed import make_embedder
 
             cache = Path(config.cache_dir) / "embeddings" if config.cache_dir else None
-            embedder = make_embedder(config.embedder, cache_dir=cache)
+            embedder = make_embedder(config.embedder, cache_dir=cache, **_embed_endpoint(config, api_key))
         name = getattr(embedder, "name", None)
         if saved.get("name") is not None and name != saved.get("name"):
             raise InvalidArgumentError(
@@ -343,7 +366,7 @@ class MemorySystem:
             config=config,
             api_key=api_key,
             state=state,
-            sessions_added=int(meta.get("sessions_added", 0)),
+            sessions_added=sessions_added,
         )
 
     # -- lifetime -----------------------------------------------------------------------------------

@@ -107,6 +107,21 @@ class SessionResult:
     def skipped_agents(self) -> list[str]:
         return [c.agent for c in self.calls if c.skipped]
 
+    def endpoint_failure(self) -> str | None:
+        """Why this session must not count as built, or ``None``.
+
+        An agent whose endpoint failed for good (after the client's retries), or a core compression
+        that could not be made, leaves the memory short of what the model would have written: the
+        session has to be built again once the endpoint is back. An agent whose *output* failed
+        the format gate is different: that is the model's answer, recorded as data.
+        """
+        for call in self.calls:
+            if call.skipped and (call.skip_reason or "").startswith("llm_error"):
+                return f"agent {call.agent}: {call.skip_reason}"
+        if self.compression is not None and self.compression.error:
+            return f"core compression: {self.compression.error}"
+        return None
+
     def call(self, agent: str) -> AgentCall:
         """The call of ``agent``; raises KeyError when this result has none."""
         for c in self.calls:

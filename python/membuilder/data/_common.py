@@ -78,7 +78,11 @@ def make_embedder(spec: str, args: argparse.Namespace) -> Any:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    from membuilder._redact import install_log_redaction
+
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s"
         )
+    # The HTTP client logs every request URL at INFO: a key in it must not reach the log.
+    install_log_redaction()

@@ -326,6 +326,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from membuilder._errors import os_error_line
+    from membuilder._lock import DirectoryLock
+
+    try:
+        if Path(args.output).is_dir():
+            raise MembuilderError(f"--output {args.output} is a directory; give a file name")
+        # One writer per output directory (two exports into one place would race on its files).
+        lock = DirectoryLock(Path(args.output).parent, "export output directory").acquire()
+    except MembuilderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {os_error_line(exc)[0]}", file=sys.stderr)
+        return 2
     try:
         report = export_rl(
             args.trajectories,
@@ -338,6 +352,12 @@ def run(args: argparse.Namespace) -> int:
     except MembuilderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        line, code = os_error_line(exc)
+        print(f"error: {line}", file=sys.stderr)
+        return code
+    finally:
+        lock.release()
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(encode_json(report).decode())

@@ -295,6 +295,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from membuilder._errors import os_error_line
+    from membuilder._lock import DirectoryLock
+
+    try:
+        if Path(args.output).is_dir():
+            raise MembuilderError(f"--output {args.output} is a directory; give a file name")
+        # One writer per output directory (two exports into one place would race on its files).
+        lock = DirectoryLock(Path(args.output).parent, "export output directory").acquire()
+    except MembuilderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {os_error_line(exc)[0]}", file=sys.stderr)
+        return 2
     try:
         count = load_tokenizer_counter(args.tokenizer) if args.tokenizer is not None else None
         report = export_sft(
@@ -310,5 +324,11 @@ def run(args: argparse.Namespace) -> int:
     except MembuilderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        line, code = os_error_line(exc)
+        print(f"error: {line}", file=sys.stderr)
+        return code
+    finally:
+        lock.release()
     print(encode_json(report).decode())
     return 0

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from membuilder._core import BANK_KINDS, MembuilderError
+from membuilder._text import TooDeep, clean_json, loads_shallow
 from membuilder.data._common import add_endpoint_arguments, make_llm, resolve_cache_dir, setup_logging
 from membuilder.data._io import append_run_log, atomic_write_bytes
 from membuilder.data.schemas import (
@@ -207,16 +208,20 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def _extract_json(text: str) -> Any:
+    """The reply's JSON, with lone surrogates cleaned; ValueError when there is none or it nests
+    too deeply to parse (a reply is data: the caller records the reason)."""
     text = text.strip()
     m = _FENCE.search(text)
     if m:
         text = m.group(1).strip()
     try:
-        return json.loads(text)
+        return clean_json(loads_shallow(text))
+    except TooDeep:
+        raise
     except json.JSONDecodeError:
         start, end = text.find("{"), text.rfind("}")
         if start >= 0 and end > start:
-            return json.loads(text[start : end + 1])
+            return clean_json(loads_shallow(text[start : end + 1]))
         raise
 
 
@@ -617,10 +622,19 @@ def resolve_protocol(args: argparse.Namespace) -> Protocol:
 
 
 def run(args: argparse.Namespace) -> int:
+    from membuilder._errors import os_error_line
+    from membuilder._lock import DirectoryLock
+    from membuilder.data.trajectories import read_manifest
     from membuilder.prompt_templates import load_prompt_templates, use_templates
 
     setup_logging(getattr(args, "verbose", False))
+    root = Path(args.trajectories)
     try:
+        # Refuse before anything is created: a wrong path must not become a new directory.
+        if not root.is_dir():
+            what = "does not exist" if not root.exists() else "is a file, not a directory"
+            raise MembuilderError(f"--trajectories {root} {what}")
+        read_manifest(root)  # the same manifest checks as the exports (truncated, other version)
         protocol = resolve_protocol(args)
         templates = load_prompt_templates(args.prompt_templates) if args.prompt_templates else None
     except (ValueError, MembuilderError) as exc:
@@ -628,14 +642,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     args.model = protocol.qa_model
     scope = protocol.qa_memory_scope
-    cache_dir = resolve_cache_dir(args.cache_dir, args.trajectories / ".llm_cache")
+    cache_dir = resolve_cache_dir(args.cache_dir, root / ".llm_cache")
 
     async def main() -> dict[str, Any]:
         llm = make_llm(args, cache_dir)
         try:
-            with use_templates(templates):
+            with DirectoryLock(root, "trajectory directory"), use_templates(templates):
                 return await generate_qa(
-                    args.trajectories,
+                    root,
                     llm,
                     n=protocol.qa_per_session,
                     model=protocol.qa_model,
@@ -657,6 +671,16 @@ def run(args: argparse.Namespace) -> int:
     except MembuilderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        line, code = os_error_line(exc)
+        print(f"error: {line}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print(
+            "interrupted; QA of finished conversations is saved, rerun with --skip-existing",
+            file=sys.stderr,
+        )
+        return 130
     counts["protocol"] = protocol.label
     print(json.dumps(counts, sort_keys=True))
     return 0

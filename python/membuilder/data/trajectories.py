@@ -14,6 +14,12 @@ Because the output holds no wall-clock times and lines are written in a fixed or
 order, agents core, episodic, semantic, procedural), an interrupted-then-resumed run writes the
 same bytes as an uninterrupted one. Times go to ``run_log.jsonl`` only.
 
+``--skip-existing`` verifies a conversation before it skips or resumes it (:func:`verify_sessions`:
+each session's line count and records, and the hashes of its state files) and records again from
+the first session that does not check out. One run at a time writes an output directory: the
+run holds an exclusive lock on it (:mod:`membuilder._lock`), and a second is refused naming the
+first one's pid; temporary files a killed run left behind are removed by the next.
+
 A session in which an agent call failed at the endpoint (after the client's retries) is not
 recorded: the conversation stops there with an error, to be resumed later. An expert output that
 fails the format gate after all attempts *is* recorded (``ok`` false): that is data.
@@ -52,7 +58,16 @@ from membuilder.data._common import (
     resolve_cache_dir,
     setup_logging,
 )
-from membuilder.data._io import append_run_log, atomic_write_bytes, check_id, fsync_dir, store_state
+from membuilder._lock import DirectoryLock, remove_stale_temp_files
+from membuilder._redact import redact_text
+from membuilder.data._io import (
+    append_run_log,
+    atomic_write_bytes,
+    check_id,
+    fsync_dir,
+    sha256_file,
+    store_state,
+)
 from membuilder.data.schemas import (
     TRAJECTORY_VERSION,
     AgentCallRecord,
@@ -110,8 +125,14 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
 
 def read_meta(path: str | Path) -> ConversationMeta:
     path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataFormatError(
+            f"conversation metadata ({path}): cannot be read: {exc.strerror or exc}", path
+        ) from None
     return decode_versioned(
-        path.read_bytes(), ConversationMeta, TRAJECTORY_VERSION, what="conversation metadata", path=path
+        data, ConversationMeta, TRAJECTORY_VERSION, what="conversation metadata", path=path
     )
 
 
@@ -134,10 +155,19 @@ class RecordedConversation:
 def read_conversation(conv_dir: str | Path) -> RecordedConversation:
     conv_dir = Path(conv_dir)
     meta = read_meta(conv_dir / META_FILE)
-    calls_path = conv_dir / CALLS_FILE
-    committed = meta.sessions[-1].calls_end if meta.sessions else 0
+    calls = _read_calls(conv_dir / CALLS_FILE, meta.sessions[-1].calls_end if meta.sessions else 0)
+    return RecordedConversation(dir=conv_dir, meta=meta, calls=calls)
+
+
+def _read_calls(calls_path: Path, committed: int) -> list[AgentCallRecord]:
+    """The call records in the first ``committed`` bytes of ``calls_path``."""
     calls: list[AgentCallRecord] = []
     if committed:
+        if not calls_path.is_file():
+            raise DataFormatError(
+                f"{calls_path} is missing (or not a file) but its metadata records {committed} bytes",
+                calls_path,
+            )
         with open(calls_path, "rb") as fh:
             data = fh.read(committed)
         if len(data) < committed:
@@ -156,18 +186,33 @@ def read_conversation(conv_dir: str | Path) -> RecordedConversation:
                         path=f"{calls_path}:{lineno}",
                     )
                 )
-    return RecordedConversation(dir=conv_dir, meta=meta, calls=calls)
+    return calls
 
 
 def iter_conversations(root: str | Path) -> list[RecordedConversation]:
-    """Every recorded conversation under ``root``, sorted by id (the export order)."""
+    """Every recorded conversation under ``root``, sorted by id (the export order).
+
+    Raises DataFormatError when ``conversations`` is not a directory or a conversation's
+    metadata or calls cannot be read: an export never drops a conversation silently. A
+    conversation directory without ``metadata.json`` has no committed session yet (its first
+    session was interrupted); it is skipped with a warning.
+    """
     base = Path(root) / "conversations"
-    if not base.is_dir():
+    if not base.exists():
         return []
+    if not base.is_dir():
+        raise DataFormatError(f"{base} is not a directory; the trajectory directory is damaged", base)
     out = []
     for d in sorted(base.iterdir(), key=lambda p: p.name):
-        if (d / META_FILE).is_file():
+        meta = d / META_FILE
+        if not d.is_dir():
+            log.warning("%s: not a conversation directory, ignored", d)
+        elif meta.exists() or meta.is_symlink():
+            if not meta.is_file():
+                raise DataFormatError(f"{meta} is not a readable file", meta)
             out.append(read_conversation(d))
+        else:
+            log.warning("%s: no committed session yet (no %s), skipped", d, META_FILE)
     return out
 
 
@@ -269,13 +314,7 @@ def _call_record(
 
 def _endpoint_failure(result: Any) -> str | None:
     """Why a session must not be recorded (an endpoint failure makes it non-reproducible)."""
-    for call in result.calls:
-        if call.skipped and (call.skip_reason or "").startswith("llm_error"):
-            return f"agent {call.agent}: {call.skip_reason}"
-    comp = getattr(result, "compression", None)
-    if comp is not None and comp.error:
-        return f"core compression: {comp.error}"
-    return None
+    return result.endpoint_failure()
 
 
 def _check_manifest(root: Path, manifest: TrajectoryManifest) -> None:
@@ -294,6 +333,58 @@ def _check_manifest(root: Path, manifest: TrajectoryManifest) -> None:
             )
         return
     atomic_write_bytes(path, encode_json(manifest) + b"\n")
+
+
+def verify_sessions(root: Path, conv_dir: Path, meta: ConversationMeta) -> tuple[int, str | None]:
+    """How many of ``meta``'s sessions check out on disk, and what is wrong with the next one.
+
+    For every recorded session, in order: its ``num_calls`` lines sit exactly between the previous
+    session's ``calls_end`` and its own, each decodes as an agent call of this conversation and
+    session whose ``state_before`` is the session's, and its state files exist and hash to their
+    names (states are content-addressed). Bytes after the last ``calls_end`` are reported too: a
+    complete conversation has none, and they mean another writer appended to it.
+    """
+    calls_path = conv_dir / CALLS_FILE
+    try:
+        data = calls_path.read_bytes() if calls_path.exists() else b""
+    except OSError as exc:
+        return 0, f"{calls_path}: {exc.strerror or exc}"
+    start = 0
+    hashed: dict[str, bool] = {}
+
+    def state_ok(digest: str) -> bool:
+        if digest not in hashed:
+            path = state_path(root, digest)
+            hashed[digest] = path.is_file() and sha256_file(path) == digest
+        return hashed[digest]
+
+    for k, session in enumerate(meta.sessions):
+        where = f"session {session.index}"
+        if session.index != k:
+            return k, f"{where} is recorded at position {k}"
+        if not start <= session.calls_end <= len(data):
+            return k, f"{where}: {CALLS_FILE} ends at byte {len(data)}, metadata says {session.calls_end}"
+        lines = [x for x in data[start : session.calls_end].split(b"\n") if x.strip()]
+        if len(lines) != session.num_calls:
+            return k, f"{where}: {len(lines)} call lines, metadata says {session.num_calls}"
+        for line in lines:
+            try:
+                rec = decode_versioned(line, AgentCallRecord, TRAJECTORY_VERSION, what="agent call")
+            except DataFormatError as exc:
+                return k, f"{where}: {exc}"
+            if (
+                rec.conversation_id != meta.conversation_id
+                or rec.session_index != session.index
+                or rec.state_before != session.state_before
+            ):
+                return k, f"{where}: a call line belongs to another session or state"
+        for digest in (session.state_before, session.state_after):
+            if not state_ok(digest):
+                return k, f"{where}: state {digest[:12]}... is missing or does not match its hash"
+        start = session.calls_end
+    if len(data) > start and meta.complete:
+        return len(meta.sessions), f"{len(data) - start} byte(s) after the last recorded session"
+    return len(meta.sessions), None
 
 
 def _append_durably(path: Path, data: bytes) -> None:
@@ -359,9 +450,29 @@ async def record_conversation(
                     f"{meta_path}: recorded session {done.index} ({done.session_id!r}) is not the dataset's "
                     f"({sessions[done.index].id!r}); the data changed, use --overwrite to start over"
                 )
+        good, problem = verify_sessions(root, conv_dir, meta)
+        if problem is not None:
+            # Never skip what does not check out (a torn file, a second writer, a lost state):
+            # keep the sessions that verify and record again from the first that does not.
+            log.warning("%s: %s; re-recording from session %d", conv_id, problem, good)
+            status = "resumed"
+            if good < len(meta.sessions):
+                meta.sessions = meta.sessions[:good]
+                kept = _read_calls(calls_path, meta.sessions[-1].calls_end if meta.sessions else 0)
+                meta.usage = Usage(
+                    sum(c.usage.prompt_tokens for c in kept), sum(c.usage.completion_tokens for c in kept)
+                )
+            _truncate(calls_path, meta.sessions[-1].calls_end if meta.sessions else 0)
+            meta.complete = False
+            meta.final_state = None
+            if len(meta.sessions) >= len(sessions):
+                meta.complete = True
+                meta.final_state = meta.sessions[-1].state_after if meta.sessions else None
+                atomic_write_bytes(meta_path, encode_json(meta) + b"\n")
+                return status
         if len(meta.sessions) >= len(sessions):
             # Complete, or recorded further than asked now (a smaller --sessions): nothing to do.
-            log.info("%s: %d session(s) recorded, skipped", conv_id, len(meta.sessions))
+            log.info("%s: %d session(s) recorded and verified, skipped", conv_id, len(meta.sessions))
             return "skipped"
         _truncate(calls_path, meta.sessions[-1].calls_end if meta.sessions else 0)
         if meta.sessions:
@@ -469,10 +580,29 @@ async def record_trajectories(
 
     One conversation's failure does not stop the others; the caller decides the exit status.
     """
+    root = Path(root)
+    with DirectoryLock(root, "trajectory output directory"):
+        # Holding the lock, any temporary file in the directory was left by a run that died.
+        convs = root / "conversations"
+        for where in (root, root / "states", *(sorted(convs.iterdir()) if convs.is_dir() else [])):
+            for p in remove_stale_temp_files(where, also=(".*.tmp", ".*.tmp.mbstate")):
+                log.info("removed %s, left by an interrupted run", p)
+        return await _record_locked(
+            conversations, root=root, llm=llm, embedder=embedder, settings=settings, workers=workers
+        )
+
+
+async def _record_locked(
+    conversations: Sequence[Any],
+    *,
+    root: Path,
+    llm: Any,
+    embedder: Any,
+    settings: RecordSettings,
+    workers: int,
+) -> dict[str, Any]:
     from membuilder.agents import MemoryBuilder
 
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     ids = [str(c.id) for c in conversations]
     for cid in ids:
         check_id(cid)
@@ -815,6 +945,7 @@ async def close_embedder(embedder: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from membuilder._errors import os_error_line
     from membuilder.prompt_templates import load_prompt_templates, templates_record
 
     setup_logging(getattr(args, "verbose", False))
@@ -826,8 +957,14 @@ def run(args: argparse.Namespace) -> int:
         if args.output_dir is None:
             raise TrajectoryError("--output-dir is required (or pass --dry-run)")
         conversations, missing = load_selection(args, _data_path(args, protocol))
-    except (MembuilderError, OSError, ValueError) as exc:
+    except (MembuilderError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {os_error_line(exc)[0]}", file=sys.stderr)
+        return 2
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        print(f"error: --output-dir {args.output_dir} is a file, not a directory", file=sys.stderr)
         return 2
     if missing:
         # Never silently: the split asked for them and the file does not have them.
@@ -880,10 +1017,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = asyncio.run(main())
     except MembuilderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        line, code = os_error_line(exc)
+        print(f"error: {line}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print(
+            "interrupted; every recorded session is saved, rerun with --skip-existing to go on",
+            file=sys.stderr,
+        )
+        return 130
     for cid, message in sorted(summary["failed"].items()):
-        print(f"error: {cid}: {message}", file=sys.stderr)
+        print(f"error: {cid}: {redact_text(message)}", file=sys.stderr)
     counts: dict[str, Any] = {k: (v if isinstance(v, dict) else len(v)) for k, v in summary.items()}
     counts["missing_ids"] = missing
     counts["protocol"] = protocol.label

@@ -6,7 +6,9 @@ A run may be killed at any instant (SIGKILL included). The invariants:
   a mix (temp file + fsync + rename + fsync of the directory);
 * a line appended with :class:`JsonlAppender` is on disk when ``append`` returns (flush + fsync);
   a kill during the write can leave at most one torn last line, which :func:`read_jsonl` drops
-  and :class:`JsonlAppender` cuts off before appending again.
+  and :class:`JsonlAppender` cuts off before appending again. A damaged *complete* line is
+  refused with :class:`DamagedFileError` (naming the file and line), never cut off with the
+  lines after it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from membuilder._core import InvalidArgumentError
+from membuilder._text import clean_text, loads_shallow
+
+
+class DamagedFileError(InvalidArgumentError):
+    """A results file has a complete line that is not JSON (not a torn last line)."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -68,10 +77,17 @@ def _valid_prefix(path: Path) -> tuple[list[dict[str, Any]], int]:
             break  # torn last line: no newline was written
         line = data[pos:end]
         if line.strip():
+            # Every append writes its line and newline in one call, so a complete line that does
+            # not parse was damaged after the fact (a NUL-filled block after a power loss, an
+            # edit). Cutting the file there would drop every good line after it: refuse instead.
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a torn write followed by a later append cannot happen; stop here
+                rec = loads_shallow(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                lineno = data.count(b"\n", 0, pos) + 1
+                raise DamagedFileError(
+                    f"{path}: line {lineno} is not a JSON record ({type(exc).__name__}: "
+                    f"{str(exc)[:120]}); remove or repair that line, then resume"
+                ) from None
             if isinstance(rec, Mapping):
                 records.append(dict(rec))
         pos = end + 1
@@ -108,7 +124,8 @@ class JsonlAppender:
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def append(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, default=_default)
+        # clean_text: a lone surrogate anywhere in a record would make the UTF-8 write fail.
+        line = clean_text(json.dumps(record, ensure_ascii=False, default=_default))
         self._f.write(line + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())

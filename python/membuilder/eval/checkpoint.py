@@ -7,6 +7,10 @@ killed at any instant therefore finds a progress file that names a complete stat
 are exactly those it records, and resumes with the next session. A state file newer than the
 progress file (killed between the two writes) is simply overwritten on resume.
 
+A session whose agent call failed for good at the endpoint is never checkpointed: building that
+conversation stops, ``<conv>.failed.json`` says which session failed and why, and a resumed
+build starts again after the last checkpoint (the note is removed once that session is built).
+
 The progress file also records how the memory was built (builder, model, embedder, dimension,
 update mode); resuming or answering with an incompatible setup raises InvalidArgumentError.
 """
@@ -47,6 +51,31 @@ class MemoryStore:
 
     def progress_path(self, conversation_id: str) -> Path:
         return self.root / f"{safe_name(conversation_id)}.progress.json"
+
+    def failed_path(self, conversation_id: str) -> Path:
+        return self.root / f"{safe_name(conversation_id)}.failed.json"
+
+    def mark_failed(self, conversation_id: str, info: Mapping[str, Any]) -> None:
+        """Record that building stopped at a failed session (``info``: session_index, reason...).
+
+        The checkpoint itself is untouched: it still holds the sessions before the failure.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.failed_path(conversation_id), {"version": PROGRESS_VERSION, **info})
+
+    def failure(self, conversation_id: str) -> dict[str, Any] | None:
+        """What :meth:`mark_failed` recorded, or ``None`` (also for an unreadable record: the
+        progress file, not this note, decides what is built)."""
+        from membuilder.eval.datasets import DatasetError, read_json
+
+        path = self.failed_path(conversation_id)
+        if not path.exists():
+            return None
+        try:
+            data = read_json(path)
+        except DatasetError:
+            return {"reason": f"unreadable failure record {path.name}"}
+        return data if isinstance(data, dict) else None
 
     def state_path(self, conversation_id: str, sessions_done: int) -> Path:
         return self.root / f"{safe_name(conversation_id)}.s{sessions_done:04d}.state"
@@ -125,6 +154,10 @@ class MemoryStore:
                 "entries": len(state),
             },
         )
+        failure = self.failure(conversation_id)
+        if failure is not None and sessions_done > int(failure.get("session_index") or 0):
+            # The session that failed has been built since.
+            self.failed_path(conversation_id).unlink(missing_ok=True)
         if previous and previous.get("state_file") != path.name:
             old = self.root / previous["state_file"]
             try:

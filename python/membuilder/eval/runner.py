@@ -40,11 +40,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from membuilder._core import InvalidArgumentError, MembuilderError, MemoryState
+from membuilder._lock import DirectoryLock, remove_stale_temp_files
+from membuilder._redact import install_log_redaction, redact_text, redact_url
 from membuilder.eval import protocol_setup
 from membuilder.eval._files import JsonlAppender, read_jsonl, write_json_atomic
 from membuilder.eval.checkpoint import ANSWER_KEYS, BUILD_KEYS, MemoryStore
@@ -279,6 +280,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue a run in the same --output-dir / --db-path"
     )
     g.add_argument(
+        "--allow-failed-sessions",
+        action="store_true",
+        help="answer from a memory whose build stopped at a failed session (default: refuse; "
+        "rebuild it with --mode build --resume)",
+    )
+    g.add_argument(
         "--concurrency",
         "--workers",
         type=_positive,
@@ -338,6 +345,7 @@ class EvalConfig:
     embed_cache_dir: Path | None = None
     checkpoint_every: int = 1
     resume: bool = False
+    allow_failed_sessions: bool = False
     concurrency: int = 4
     progress: bool = True
     verbose: bool = False
@@ -407,6 +415,7 @@ class EvalConfig:
             embed_cache_dir=args.embed_cache_dir,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
+            allow_failed_sessions=getattr(args, "allow_failed_sessions", False),
             concurrency=args.concurrency,
             progress=not args.no_progress,
             verbose=args.verbose,
@@ -471,17 +480,8 @@ class EvalConfig:
         d["protocol"] = self.protocol.label  # the full record is summary.json's "protocol"
         d["api_key_given"] = self.api_key is not None
         for k in ("base_url", "judge_base_url"):
-            d[k] = _strip_userinfo(d[k])
+            d[k] = redact_url(d[k])
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
-
-
-def _strip_userinfo(url: str | None) -> str | None:
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
-    return urlunsplit(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,6 +613,10 @@ class Runner:
         self.audit: dict[str, Any] | None = None
         self.audit_path: Path | None = None
         self.audit_note: str | None = None
+        #: conversation id -> what stopped its build in this run (see :meth:`build_all`).
+        self.failed: dict[str, dict[str, Any]] = {}
+        #: questions left unanswered because their conversation's memory is incomplete.
+        self.skipped_questions = 0
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -706,7 +710,18 @@ class Runner:
         self.audit, self.audit_path, self.audit_note = load_joined_audit(
             cfg.gold, cfg.audit_file, cfg.data_path, cfg.dataset
         )
-        self.embedder = make_embedder(cfg.embedder, cache_dir=cfg.embed_cache_dir)
+        endpoint: dict[str, Any] = {}
+        if (
+            cfg.embedder.strip().lower().startswith("openai")
+            and cfg.provider != "vllm"
+            and not os.environ.get("OPENAI_EMBEDDINGS_BASE_URL")
+        ):
+            # Embeddings go where the user pointed the models, never silently to the public API;
+            # unless OPENAI_EMBEDDINGS_BASE_URL names their own endpoint, or the models are on a
+            # vLLM server, which serves no embeddings (the reference then embeds through the API).
+            endpoint = {"base_url": cfg.base_url, "api_key": cfg.api_key}
+        self.embedder = make_embedder(cfg.embedder, cache_dir=cfg.embed_cache_dir, **endpoint)
+        locks = contextlib.ExitStack()
         try:
             # Create every client now: a missing key should fail before hours of building, not after.
             if cfg.needs_build and cfg.builder == "llm":
@@ -715,6 +730,19 @@ class Runner:
                 self._client("answer")
                 if cfg.judge == "llm":
                     self._client("judge")
+            # One writer per directory: a second run on the same output (or memory being built)
+            # is refused before it reads or writes anything.
+            locks.enter_context(DirectoryLock(cfg.output_dir, "eval output directory"))
+            if cfg.needs_build:
+                if cfg.memory_dir.resolve() != cfg.output_dir.resolve():
+                    locks.enter_context(DirectoryLock(cfg.memory_dir, "memory directory (--db-path)"))
+            # Holding the locks, a temporary file here was left by a run that was killed
+            # between writing it and renaming it into place (write_json_atomic: ".<name>.tmp<pid>").
+            stale = remove_stale_temp_files(cfg.output_dir, also=(".*.tmp[0-9]*",))
+            if cfg.needs_build:
+                stale += remove_stale_temp_files(cfg.memory_dir, also=(".*.tmp[0-9]*",))
+            for p in stale:
+                log.info("removed %s, left by an interrupted run", p)
             existing = self._prepare_output(ds)
             done_ids = {r["question_id"] for r in existing}
             log.info(
@@ -731,6 +759,17 @@ class Runner:
                 self.timings["build_s"] = time.perf_counter() - t
             if cfg.mode != "build":
                 pending = [q for q in ds.questions if q.id not in done_ids]
+                if self.failed:
+                    # Their memory stops at the failed session: answers from it would be scored
+                    # as if the memory were whole (unless the user asked for exactly that).
+                    unusable = {
+                        cid
+                        for cid, f in self.failed.items()
+                        if not cfg.allow_failed_sessions or f["sessions_saved"] == 0
+                    }
+                    kept = [q for q in pending if q.conversation_id not in unusable]
+                    self.skipped_questions = len(pending) - len(kept)
+                    pending = kept
                 t = time.perf_counter()
                 retrieved = await self.retrieve_all(ds, pending)
                 self.timings["retrieval_s"] = time.perf_counter() - t
@@ -742,12 +781,13 @@ class Runner:
                     with JsonlAppender(cfg.output_dir / RESULTS) as out:
                         for q in pending:
                             out.append(retrieved[q.id])
+            self.timings["total_s"] = time.perf_counter() - started
+            return self.write_reports(ds, started_at)
         finally:
             for c in self.clients.values():
                 with contextlib.suppress(Exception):
                     await c.aclose()
-        self.timings["total_s"] = time.perf_counter() - started
-        return self.write_reports(ds, started_at)
+            locks.close()
 
     # build ----------------------------------------------------------------------------------
 
@@ -790,6 +830,7 @@ class Runner:
 
             async def one(conv: Conversation) -> None:
                 state, n = starts[conv.id]
+                saved = n
                 async with sem:
                     for s in conv.sessions[n:]:
                         res = await builder.build_session(
@@ -799,6 +840,28 @@ class Runner:
                             session_index=s.index,
                             timestamp=s.timestamp,
                         )
+                        failure = res.endpoint_failure()
+                        if failure is not None:
+                            # Not built: no checkpoint, and this conversation stops here (the
+                            # next sessions build on this one). --resume starts again from the
+                            # last checkpoint; the response cache makes that cheap.
+                            info = {
+                                "conversation_id": conv.id,
+                                "session_index": s.index,
+                                "session_id": s.id,
+                                "sessions_saved": saved,
+                                "sessions_total": len(conv.sessions),
+                                "reason": redact_text(failure),
+                            }
+                            self.failed[conv.id] = info
+                            self.store.mark_failed(conv.id, info)
+                            build_log.append(
+                                {**_session_log(conv.id, s.id, res, len(state)), "failed": info["reason"]}
+                            )
+                            log.error(
+                                "%s: session %d not built (%s)", conv.id, s.index + 1, info["reason"]
+                            )
+                            return
                         # Checkpoint first: the log line is informational, the state is the truth.
                         last = s.index + 1 == len(conv.sessions)
                         if last or (s.index + 1) % self.cfg.checkpoint_every == 0:
@@ -810,6 +873,7 @@ class Runner:
                                 fp,
                                 len(conv.sessions),
                             )
+                            saved = s.index + 1
                         build_log.append(_session_log(conv.id, s.id, res, len(state)))
                         self.sessions_built += 1
                         bar.update(1)
@@ -835,16 +899,31 @@ class Runner:
             return self.states[conv.id]
         keys = BUILD_KEYS if self.cfg.needs_build else ANSWER_KEYS
         loaded = self.store.load(conv.id, self._fingerprint(), keys)
+        failure = self.store.failure(conv.id)
+        why = (
+            f" (session {failure.get('session_index', 0) + 1} failed: {failure.get('reason')})"
+            if failure
+            else ""
+        )
         if loaded is None:
             raise InvalidArgumentError(
-                f"no memory for {conv.id!r} in {self.cfg.memory_dir}; run --mode build first "
-                "(with the same --db-path)"
+                f"no memory for {conv.id!r} in {self.cfg.memory_dir}{why}; run --mode build first "
+                "(with the same --db-path), or --resume it"
             )
         state, n, _progress = loaded
-        if n != len(conv.sessions):
+        if n > len(conv.sessions) or (n < len(conv.sessions) and not self.cfg.allow_failed_sessions):
             raise InvalidArgumentError(
                 f"memory of {conv.id!r} in {self.cfg.memory_dir} covers {n} of {len(conv.sessions)} "
-                "sessions; finish the build (--mode build --resume) or pass the same --sessions"
+                f"sessions{why}; finish the build (--mode build --resume) or pass the same "
+                "--sessions" + (", or --allow-failed-sessions to answer from it as it is" if n else "")
+            )
+        if n < len(conv.sessions):
+            log.warning(
+                "%s: answering from %d of %d sessions (--allow-failed-sessions)%s",
+                conv.id,
+                n,
+                len(conv.sessions),
+                why,
             )
         self.states[conv.id] = state
         return state
@@ -1010,7 +1089,12 @@ class Runner:
                 "sessions_built_this_run": self.sessions_built,
                 "questions": len(ds.questions),
                 "results": len(records),
+                "conversations_failed": len(self.failed),
+                "questions_skipped_failed_build": self.skipped_questions,
             },
+            # Conversations whose build stopped at a session the endpoint failed for good; their
+            # memory holds only the sessions before it (see checkpoint).
+            "failed_sessions": sorted(self.failed.values(), key=lambda f: f["conversation_id"]),
             "usage": usage,
             "usage_total": _usage_total(usage),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
@@ -1098,22 +1182,37 @@ def _session_log(conv_id: str, session_id: str, res: Any, entries: int) -> dict[
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run from parsed arguments; returns the exit status (0 ok, 2 bad input)."""
+    """Run from parsed arguments; returns the exit status (0 ok, 1 some sessions or calls failed,
+    2 bad input, 130 interrupted)."""
+    from membuilder._errors import os_error_line
+
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_log_redaction()
     try:
         cfg = EvalConfig.from_args(args)
         path = getattr(args, "prompt_templates", None)
         with use_templates(load_prompt_templates(path) if path else None):
             summary = asyncio.run(Runner(cfg).run())
     except (InvalidArgumentError, DatasetError, PromptTemplateError) as e:
-        print(f"membuilder eval: error: {e}", file=sys.stderr)
+        print(f"membuilder eval: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except MembuilderError as e:
-        print(f"membuilder eval: failed: {e}", file=sys.stderr)
+        print(f"membuilder eval: failed: {redact_text(str(e))}", file=sys.stderr)
         return 1
+    except OSError as e:
+        line, code = os_error_line(e)
+        print(f"membuilder eval: error: {line}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print(
+            "membuilder eval: interrupted; every finished session and answer is saved, "
+            "rerun with --resume to go on",
+            file=sys.stderr,
+        )
+        return 130
     out = cfg.output_dir
     missing = (summary.get("dataset") or {}).get("missing_ids")
     if missing:
@@ -1129,6 +1228,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"report:  {out / 'report.md'}")
         print()
         print((out / "report.md").read_text(encoding="utf-8"))
+    failed = summary.get("failed_sessions") or []
+    for f in failed:
+        print(
+            f"membuilder eval: {f['conversation_id']}: session {f['session_index'] + 1} of "
+            f"{f['sessions_total']} not built ({f['reason']}); {f['sessions_saved']} session(s) saved",
+            file=sys.stderr,
+        )
+    if failed:
+        skipped = summary["counts"].get("questions_skipped_failed_build", 0)
+        print(
+            f"membuilder eval: {len(failed)} conversation(s) not fully built"
+            + (f", {skipped} question(s) not answered" if skipped else "")
+            + "; rerun with --resume once the endpoint works",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import openai
 
 from membuilder._core import InvalidArgumentError
+from membuilder._text import clean_text
 from membuilder.llm._loops import PerLoop
 from membuilder.llm.cache import ResponseCache, cache_key
 from membuilder.llm.errors import LLMError
@@ -259,7 +260,12 @@ def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
             raise InvalidArgumentError(
                 f"messages[{i}] must be a dict with a 'role' key, got {message!r:.200}"
             )
-        out.append(dict(message))
+        message = dict(message)
+        if isinstance(message.get("content"), str):
+            # Text quoted from an earlier reply or a data file may hold lone surrogates, which
+            # neither the cache key nor the HTTP body can encode.
+            message["content"] = clean_text(message["content"])
+        out.append(message)
     return out
 
 
@@ -575,6 +581,10 @@ def _extract(response: Any) -> tuple[str, str | None, str | None, int, int]:
         content = ""
     elif not isinstance(content, str):
         raise MalformedResponse(f"message content is {type(content).__name__}, not a string")
+    else:
+        # A reply may hold lone surrogates ("\ud800" is valid JSON): they could be neither
+        # cached, nor sent back in a later prompt, nor written as UTF-8. Model text is data.
+        content = clean_text(content)
     usage = getattr(response, "usage", None)
     prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0) if usage is not None else 0
     completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0) if usage is not None else 0

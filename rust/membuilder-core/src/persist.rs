@@ -171,6 +171,7 @@ fn decode(payload: &[u8]) -> Result<Snapshot, String> {
     let meta: FileMeta =
         serde_json::from_slice(take(&mut pos, json_len)?).map_err(|e| e.to_string())?;
     meta.config.validate().map_err(|e| e.to_string())?;
+    check_core_limit(&meta.core, &meta.config)?;
     if meta.banks.len() != 3 {
         return Err(format!("expected 3 banks, found {}", meta.banks.len()));
     }
@@ -240,8 +241,30 @@ fn io_problem(e: &std::io::Error) -> Problem {
     }
 }
 
+/// The core block must fit its limit: every builder condenses (or, failing that, truncates) it
+/// before a state is saved, so a longer block in a file was not written by a builder, and it
+/// would flood every prompt built from the state. Refused both ways, so that what `save`
+/// writes always loads.
+fn check_core_limit(core: &str, config: &StateConfig) -> Result<(), String> {
+    let chars = core.chars().count();
+    if chars > config.core_limit {
+        return Err(format!(
+            "the core block has {chars} characters, over the state's limit of {}",
+            config.core_limit
+        ));
+    }
+    Ok(())
+}
+
 /// Write `snap` to `path` atomically (see the module docs).
 pub fn save_snapshot(snap: &Snapshot, path: &Path) -> Result<(), PersistError> {
+    check_core_limit(&snap.core, &snap.config).map_err(|m| {
+        err(
+            path,
+            Problem::Malformed,
+            format!("not saved: {m}; condense it first"),
+        )
+    })?;
     let payload = encode(snap).map_err(|m| {
         err(
             path,
@@ -445,6 +468,32 @@ mod tests {
             st.layers().entries(None, true),
             back.layers().entries(None, true)
         );
+    }
+
+    #[test]
+    fn core_over_its_limit_is_refused_both_ways() {
+        let d = tmpdir("core");
+        let p = d.join("s.mbstate");
+        let mut st = sample(3, 100);
+        st.set_core("x".repeat(5001));
+        assert_eq!(st.save(&p).unwrap_err().problem, Problem::Malformed);
+        assert!(!p.exists());
+        // A forged file: valid layout and checksum, core block past the limit.
+        let mut snap = sample(3, 100).snapshot().clone();
+        snap.core = "x".repeat(100_000);
+        let payload = encode(&snap).unwrap();
+        let mut file = Vec::new();
+        file.extend_from_slice(MAGIC);
+        file.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        file.extend_from_slice(&0u32.to_le_bytes());
+        file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        file.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        file.extend_from_slice(&0u32.to_le_bytes());
+        file.extend_from_slice(&payload);
+        fs::write(&p, &file).unwrap();
+        let e = MemoryState::load(&p).unwrap_err();
+        assert_eq!(e.problem, Problem::Malformed);
+        assert!(e.to_string().contains("100000 characters"), "{e}");
     }
 
     #[test]

@@ -36,6 +36,8 @@ def read_json(path: str | Path) -> Any:
         raise DatasetError(p, None, f"compressed stream is corrupt or truncated ({e})") from e
     except UnicodeDecodeError as e:
         raise DatasetError(p, None, f"not UTF-8 text ({e})") from e
+    except RecursionError:
+        raise DatasetError(p, None, "JSON nested too deeply to read (no benchmark file nests so)") from None
 
 
 class Fields:

@@ -25,6 +25,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+from membuilder.eval.datasets._dates import require_date
 from membuilder.eval.datasets._io import Fields, read_json
 from membuilder.eval.datasets._types import (
     Conversation,
@@ -112,7 +113,13 @@ def _load_conversation(sample: Fields, conv_id: str) -> Conversation:
     for index, n in enumerate(numbers):
         key = f"session_{n}"
         turns_raw = c.get(key, list)
-        timestamp = c.text(f"{key}_date_time")
+        timestamp = require_date(
+            c.text(f"{key}_date_time"),
+            parse_locomo_datetime,
+            c.path,
+            c.at(f"{key}_date_time"),
+            "1:56 pm on 8 May, 2023",
+        )
         turns: list[Turn] = []
         for j, t_raw in enumerate(turns_raw):
             t = Fields(t_raw, c.path, f"{c.at(key)}[{j}]")

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from membuilder._core import InvalidArgumentError
+from membuilder.eval.datasets._dates import require_date
 from membuilder.eval.datasets._io import Fields, read_json
 from membuilder.eval.datasets._types import (
     Conversation,
@@ -38,6 +39,9 @@ SPLITS = ("sft", "rl", "test")
 DEFAULT_SPLIT_FILE = "longmemeval_splits.json"
 
 _DATE = re.compile(r"(\d{4})/(\d{2})/(\d{2})(?:\s*\([A-Za-z]+\))?\s+(\d{1,2}):(\d{2})")
+
+
+_EXAMPLE = "2023/05/20 (Sat) 02:21"
 
 
 def parse_longmemeval_date(text: str) -> datetime | None:
@@ -158,6 +162,7 @@ def _load_record(rec: Fields, qid: str, sort_sessions: bool) -> tuple[Conversati
             raise DatasetError(rec.path, f"{rec.at('haystack_session_ids')}[{k}]", "expected a string")
         if not isinstance(date, str):
             raise DatasetError(rec.path, f"{rec.at('haystack_dates')}[{k}]", "expected a string")
+        require_date(date, parse_longmemeval_date, rec.path, f"{rec.at('haystack_dates')}[{k}]", _EXAMPLE)
         if not isinstance(turns_raw, list):
             raise DatasetError(rec.path, where, "expected a list of turns")
         turns: list[Turn] = []
@@ -197,7 +202,13 @@ def _load_record(rec: Fields, qid: str, sort_sessions: bool) -> tuple[Conversati
         category_id=None,
         evidence_turns=evidence_turns,
         evidence_sessions=tuple(answer_sessions),
-        asked_at=rec.text("question_date", required=False),
+        asked_at=require_date(
+            rec.text("question_date", required=False),
+            parse_longmemeval_date,
+            rec.path,
+            rec.at("question_date"),
+            _EXAMPLE,
+        ),
         is_abstention=qid.endswith("_abs"),
     )
     conv = Conversation(qid, sessions, {"original_order": original, "question_type": question_type})

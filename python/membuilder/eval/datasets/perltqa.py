@@ -35,6 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from membuilder.eval.datasets._dates import parse_loose_date, require_date
 from membuilder.eval.datasets._io import Fields, read_json
 from membuilder.eval.datasets._types import (
     Conversation,
@@ -183,6 +184,7 @@ def _load_character(
                 role = "user" if speaker == protagonist or not speaker else "assistant"
                 turns.append(Turn(f"{sid}:{t_i}", speaker or protagonist, role, text))
             parsed = _parse_ts(ts)
+            require_date(ts, _parse_ts, c.path, where, "2022-03-03 09:00")
             key = (0 if parsed else 1, parsed, order)
             dialogue_sessions.append((key, sid, ts, turns, d_key))
             order += 1
@@ -223,7 +225,13 @@ def _load_character(
             e = Fields(e_raw, c.path, f"{c.at('events')}[{e_id!r}]")
             content = e.text("content")
             summary = e.text("summary", required=False) or ""
-            when = e.text("Creation Time", required=False) or None
+            when = require_date(
+                e.text("Creation Time", required=False) or None,
+                parse_loose_date,
+                c.path,
+                e.at("Creation Time"),
+                "March 3, 2022",
+            )
             text = f"[Event: {summary}] {content}" if summary else (content or "")
             built.append((e_id, when, [Turn(f"{e_id}:0", "narrator", "user", text)]))
             source_of.setdefault(e_id, []).insert(0, e_id)
