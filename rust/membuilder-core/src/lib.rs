@@ -12,9 +12,11 @@
 //! - [`fused_scan512`]: the same scan on AVX-512, chosen at run time where the CPU has it.
 //! - [`bank`]: one bank's entries, contiguous vectors and graph (used by `state`).
 //! - [`par`]: fork-safe use of rayon's global pool.
+//! - [`cpu`]: the CPU's model and vector instruction sets, for reports of what ran where.
 
 pub mod actions;
 pub mod bank;
+pub mod cpu;
 #[cfg(target_arch = "x86_64")]
 pub mod fused_scan;
 #[cfg(target_arch = "x86_64")]
