@@ -639,7 +639,10 @@ where
                     ExactKernel::Avx512 => crate::fused_scan512::scan(
                         source, dim, r, packed, panels, nq, found, accept,
                     ),
-                    _ => fused_scan::scan(source, dim, r, packed, panels, nq, found, accept),
+                    // `exact_candidates` sends the portable kernel elsewhere.
+                    ExactKernel::Avx2 | ExactKernel::Portable => {
+                        fused_scan::scan(source, dim, r, packed, panels, nq, found, accept)
+                    }
                 }
             }
         })
