@@ -4,9 +4,11 @@ Workload: 1,000 queries, top-10 by inner product over one bank of n L2-normalise
 (n = 1k, 10k, 100k; dim = 384, 1,536; random points around n/100 random centres, fixed seed), all
 engines in this process on the same data.
 
-* ``membuilder-exact``: ``MemoryState.search_batch`` below ``exact_search_limit`` (a fused AVX2/FMA
-  scan that selects each query's candidates while the scores are still in registers, then
-  re-scores them with one canonical kernel; a portable GEMM + selection on other CPUs).
+* ``membuilder-exact``: ``MemoryState.search_batch`` below ``exact_search_limit`` (a fused AVX-512
+  or AVX2/FMA scan that selects each query's candidates while the scores are still in registers,
+  then re-scores them with one canonical kernel; a portable GEMM + selection on other CPUs). Run
+  once per kernel in ``BENCH_KERNELS`` (default: every fused kernel this CPU has, else
+  ``portable``), each test id naming its kernel.
 * ``membuilder-graph``: the same call with ``exact_search_limit`` below n, so the bank is searched
   through its usearch HNSW graph (over-fetch, exact re-scoring).
 * ``faiss-flat``: ``faiss.IndexFlatIP.search`` (BLAS sgemm + heap selection).
@@ -35,6 +37,10 @@ SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "1000,10000,100000").spli
 DIMS = [int(s) for s in os.environ.get("BENCH_DIMS", "384,1536").split(",")]
 GRAPH_MAX = int(os.environ.get("BENCH_GRAPH_MAX", "100000"))
 GRAPH_1536 = os.environ.get("BENCH_GRAPH_1536") == "1"
+_INFO = c.cpu_info()
+KERNELS = os.environ.get("BENCH_KERNELS", "").split(",") if os.environ.get("BENCH_KERNELS") else [
+    k for k in _INFO["exact_search_available"] if k != "portable"
+] or ["portable"]
 N_QUERIES = 1000
 K = 10
 PROV = c.Provenance("bench", 0)
@@ -84,16 +90,36 @@ def state(d: dict, limit: int) -> c.MemoryState:
 GRID = [(n, dim) for dim in DIMS for n in SIZES]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _machine(request):
+    """Say what this ran on, whatever the capture and verbosity settings."""
+    line = (
+        f"CPU: {_INFO['cpu']} ({' '.join(_INFO['features'])}); exact-search kernels benched: "
+        f"{', '.join(KERNELS)} (default here: {_INFO['exact_search']}); re-scoring: {_INFO['rescore']}"
+    )
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            print("\n" + line)
+    else:
+        print(line)
+    yield
+    c.set_exact_kernel(None)
+
+
 def _id(p):
     return f"n{p[0]}-d{p[1]}"
 
 
 @pytest.mark.benchmark
 @pytest.mark.parametrize("size", GRID, ids=_id)
-def test_membuilder_exact(benchmark, size):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_membuilder_exact(benchmark, size, kernel):
     d = dataset(*size)
     s = state(d, limit=10**9)
+    c.set_exact_kernel(kernel)
     benchmark.group = f"retrieval {_id(size)}"
+    benchmark.extra_info.update(kernel=kernel, cpu=_INFO["cpu"])
     ids, scores, _ = benchmark.pedantic(
         s.search_batch, args=(d["q"], K), rounds=3, iterations=1, warmup_rounds=1
     )
@@ -139,6 +165,7 @@ def _graph_sizes():
 def test_membuilder_graph(benchmark, size):
     d = dataset(*size)
     s = state(d, limit=size[0] // 2)  # above the limit: the bank gets an HNSW graph
+    c.set_exact_kernel(None)
     benchmark.group = f"retrieval {_id(size)}"
     ids, _, _ = benchmark.pedantic(s.search_batch, args=(d["q"], K), rounds=3, iterations=1, warmup_rounds=1)
     r = recall(d, ids)

@@ -105,3 +105,45 @@ def test_views_retire_base_rows_in_large_batches():
         assert v.retired_ids()[0] not in set(ids[r])
     for v in views:
         assert_batch_equals_singles(v, q, K)
+
+
+@pytest.fixture
+def restore_kernel():
+    yield
+    c.set_exact_kernel(None)
+
+
+def test_every_kernel_this_cpu_has_gives_identical_hits(restore_kernel):
+    """Batches (tile-major copy), small batches (bank matrix) and single queries through each
+    exact-search kernel this CPU can run: identical ids and scores, bit for bit."""
+    info = c.cpu_info()
+    kernels = info["exact_search_available"]
+    assert "portable" in kernels and info["exact_search"] == kernels[0]
+    s, _, q = build(n=1300, distinct=200)
+    results = {}
+    for name in kernels:
+        assert c.set_exact_kernel(name) == name
+        assert c.cpu_info()["exact_search"] == name
+        # One bank for all: the tile-major copy the first batch leaves is read by both fused
+        # kernels.
+        batch = s.search_batch(q, K)
+        small = s.search_batch(q[:20], K)
+        single = one_by_one(s, q[:7], K)
+        results[name] = (batch, small, single)
+    ref = results["portable"]
+    for name, (batch, small, single) in results.items():
+        for got, want in zip(batch, ref[0]):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        for got, want in zip(small, ref[1]):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        assert single == ref[2], name
+    assert c.set_exact_kernel("auto") == kernels[0]
+
+
+def test_unknown_or_unavailable_kernel_is_refused(restore_kernel):
+    with pytest.raises(c.InvalidArgumentError, match="sse9"):
+        c.set_exact_kernel("sse9")
+    for name in ("avx512", "avx2"):
+        if name not in c.cpu_info()["exact_search_available"]:
+            with pytest.raises(c.InvalidArgumentError, match=name):
+                c.set_exact_kernel(name)

@@ -430,3 +430,21 @@ class RewardKernel:
         policy_tokens: npt.NDArray[np.float64] | None = None,
     ) -> tuple[list[ParseResult], RewardBatch]:
         """Parse, gate, count content tokens (chars/4 unless ``policy_tokens`` is given) and score."""
+
+# ---------------------------------------------------------------------------------------------
+# Machine and kernels
+# ---------------------------------------------------------------------------------------------
+
+def cpu_info() -> dict[str, str | list[str]]:
+    """What this process runs on, for benchmarks to print: ``cpu`` (model name), ``features``
+    (vector instruction sets our kernels care about), ``exact_search`` (the kernel exact search
+    uses now), ``exact_search_available`` (the kernels this CPU can run, best first) and
+    ``rescore`` (the instruction set of the canonical re-scoring kernel)."""
+
+def set_exact_kernel(
+    name: Literal["auto", "avx512", "avx2", "portable"] | None = None,
+) -> Literal["avx512", "avx2", "portable"]:
+    """Choose the exact-search kernel for every later search in this process (default: the best
+    this CPU has; the ``MEMBUILDER_EXACT_KERNEL`` environment variable sets the start-up choice).
+    Every kernel returns identical hits; only speed differs. Raises InvalidArgumentError for a
+    kernel this CPU cannot run. Returns the kernel now in use."""

@@ -7,6 +7,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use membuilder_core::kinds::{Action, Agent, BankKind, Op};
 use membuilder_core::state::{MemoryState, Provenance, StateConfig, UpdateMode};
+use membuilder_core::{cpu, retrieval};
 
 const DIM: usize = 384;
 
@@ -35,11 +36,33 @@ fn state(n: usize) -> MemoryState {
 }
 
 fn bench(c: &mut Criterion) {
+    // Say what this ran on: the CPU and each exact-search kernel it can run (benched in turn).
+    let kernels = retrieval::available_exact_kernels();
+    eprintln!(
+        "CPU: {} ({}); exact-search kernels: {} (default {}); re-scoring: {}",
+        cpu::model(),
+        cpu::features().join(" "),
+        kernels
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        retrieval::exact_kernel().name(),
+        retrieval::dot_path()
+    );
     let st = state(10_000);
     let queries = random(1000, 2);
-    c.bench_function("exact search 1000 queries x 10k x 384, top-10", |b| {
-        b.iter(|| black_box(st.search(&queries, 10, None).unwrap()))
-    });
+    for kernel in kernels {
+        retrieval::set_exact_kernel(Some(kernel)).unwrap();
+        let name = format!(
+            "exact search 1000 queries x 10k x 384, top-10 ({})",
+            kernel.name()
+        );
+        c.bench_function(&name, |b| {
+            b.iter(|| black_box(st.search(&queries, 10, None).unwrap()))
+        });
+    }
+    retrieval::set_exact_kernel(None).unwrap();
     c.bench_function("create 1000 views of a 10k state", |b| {
         b.iter(|| black_box((0..1000).map(|_| st.view()).collect::<Vec<_>>()))
     });

@@ -1,5 +1,6 @@
 //! Exact batched inner-product top-k with the selection fused into the score kernel (x86-64,
-//! AVX2 + FMA, chosen at run time).
+//! AVX2 + FMA, chosen at run time; the AVX-512 variant of the same scan is
+//! [`crate::fused_scan512`]).
 //!
 //! The textbook way (and faiss's) is a BLAS GEMM that writes a block of the (queries x rows) score
 //! matrix to memory, then a second pass that reads every score back to select each query's best.
@@ -65,7 +66,7 @@ pub fn pack_into(queries: &[f32], nq: usize, dim: usize, out: &mut Vec<Line>) {
 }
 
 /// Rows per chunk for `dim`: a multiple of [`TILE`], at least one tile.
-fn chunk_rows(dim: usize) -> usize {
+pub(crate) fn chunk_rows(dim: usize) -> usize {
     let rows = CHUNK_BYTES / (4 * dim.max(1));
     (rows / TILE).max(1) * TILE
 }

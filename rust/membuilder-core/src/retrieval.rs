@@ -35,6 +35,131 @@ pub fn kernel_margin(dim: usize) -> f32 {
     (4.0 * gamma * 1.25) as f32
 }
 
+/// The kernels exact search can run on, best first. All return the same candidates after
+/// re-scoring (see [`kernel_margin`]), so the choice changes only speed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExactKernel {
+    /// The fused scan on AVX-512F ([`crate::fused_scan512`]).
+    Avx512,
+    /// The fused scan on AVX2 + FMA ([`crate::fused_scan`]).
+    Avx2,
+    /// matrixmultiply's GEMM and a selection pass (any CPU).
+    Portable,
+}
+
+/// Environment variable that picks the exact-search kernel at start-up (`avx512`, `avx2`,
+/// `portable` or `auto`), for tests and benchmarks that compare the paths on one machine.
+pub const EXACT_KERNEL_ENV: &str = "MEMBUILDER_EXACT_KERNEL";
+
+impl ExactKernel {
+    pub const ALL: [ExactKernel; 3] = [
+        ExactKernel::Avx512,
+        ExactKernel::Avx2,
+        ExactKernel::Portable,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExactKernel::Avx512 => "avx512",
+            ExactKernel::Avx2 => "avx2",
+            ExactKernel::Portable => "portable",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ExactKernel> {
+        ExactKernel::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            ExactKernel::Avx512 => crate::fused_scan512::available(),
+            #[cfg(target_arch = "x86_64")]
+            ExactKernel::Avx2 => crate::fused_scan::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            ExactKernel::Avx512 | ExactKernel::Avx2 => false,
+            ExactKernel::Portable => true,
+        }
+    }
+
+    /// The fastest kernel this CPU can run.
+    pub fn best() -> ExactKernel {
+        ExactKernel::ALL
+            .into_iter()
+            .find(|k| k.available())
+            .unwrap_or(ExactKernel::Portable)
+    }
+}
+
+/// The chosen kernel as `ExactKernel::ALL` index + 1; 0 until first read.
+static EXACT_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The kernel exact search runs on: [`ExactKernel::best`] unless [`EXACT_KERNEL_ENV`] or
+/// [`set_exact_kernel`] chose another. A value of the variable that names no kernel, or one this
+/// CPU cannot run, is reported once on stderr and ignored (the results would be the same; only
+/// the speed differs).
+pub fn exact_kernel() -> ExactKernel {
+    use std::sync::atomic::Ordering;
+    let code = EXACT_KERNEL.load(Ordering::Relaxed);
+    if code != 0 {
+        return ExactKernel::ALL[code as usize - 1];
+    }
+    let mut chosen = ExactKernel::best();
+    if let Ok(name) = std::env::var(EXACT_KERNEL_ENV) {
+        match ExactKernel::from_name(&name) {
+            Some(k) if k.available() => chosen = k,
+            _ if name == "auto" || name.is_empty() => {}
+            _ => eprintln!(
+                "membuilder: {EXACT_KERNEL_ENV}={name:?} is not a kernel this CPU can run \
+                 (one of auto, {}); using {}",
+                available_exact_kernels()
+                    .iter()
+                    .map(|k| k.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                chosen.name()
+            ),
+        }
+    }
+    let code = ExactKernel::ALL.iter().position(|&k| k == chosen).unwrap() as u8 + 1;
+    // A concurrent first call may have stored its own reading of the same inputs: same value.
+    EXACT_KERNEL.store(code, Ordering::Relaxed);
+    chosen
+}
+
+/// Choose the kernel for every later exact search in this process (`None`: the best one this
+/// CPU has). Refuses a kernel this CPU cannot run.
+pub fn set_exact_kernel(kernel: Option<ExactKernel>) -> Result<ExactKernel, String> {
+    let k = kernel.unwrap_or_else(ExactKernel::best);
+    if !k.available() {
+        return Err(format!(
+            "this CPU cannot run the {} exact-search kernel",
+            k.name()
+        ));
+    }
+    let code = ExactKernel::ALL.iter().position(|&x| x == k).unwrap() as u8 + 1;
+    EXACT_KERNEL.store(code, std::sync::atomic::Ordering::Relaxed);
+    Ok(k)
+}
+
+/// The kernels this CPU can run, best first.
+pub fn available_exact_kernels() -> Vec<ExactKernel> {
+    ExactKernel::ALL
+        .into_iter()
+        .filter(|k| k.available())
+        .collect()
+}
+
+/// The instruction set [`dot`] (the canonical re-scoring kernel) runs on here.
+pub fn dot_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        return "avx2";
+    }
+    "portable"
+}
+
 /// Rows per GEMM block: the score block of `QUERY_BLOCK x ROW_BLOCK` floats stays in L2.
 const ROW_BLOCK: usize = 2048;
 /// Queries per GEMM block.
@@ -362,7 +487,8 @@ impl TileCache {
 ///
 /// The work is split into (query block x row range) tasks run on rayon when [`crate::par`]
 /// allows, so one query over a large bank and many queries over a small one both use all cores.
-/// Each task runs the fused AVX2/FMA scan ([`crate::fused_scan`]) where the CPU has it, else a
+/// Each task runs the kernel [`exact_kernel`] chose: the fused scan on AVX-512
+/// ([`crate::fused_scan512`]) or AVX2/FMA ([`crate::fused_scan`]) where the CPU has one, else a
 /// portable blocked GEMM followed by a selection pass.
 #[allow(clippy::too_many_arguments)]
 pub fn exact_candidates<F>(
@@ -383,11 +509,13 @@ where
     }
     debug_assert!(matrix.len() >= rows.end * dim);
     debug_assert_eq!(queries.len(), nq * dim);
+    let kernel = exact_kernel();
     #[cfg(target_arch = "x86_64")]
-    if crate::fused_scan::available() {
+    if kernel != ExactKernel::Portable {
         let tiles = cache.and_then(|c| c.tiles_for(matrix, dim, &rows, nq));
         let tiles = tiles.as_ref().map(|t| t.as_slice());
         return fused(
+            kernel,
             matrix,
             tiles,
             dim,
@@ -399,7 +527,7 @@ where
             PACK_SEGMENT_BYTES,
         );
     }
-    let _ = cache;
+    let _ = (cache, kernel);
     exact_candidates_gemm(matrix, dim, rows, queries, nq, k, accept)
 }
 
@@ -410,6 +538,7 @@ where
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn fused<F>(
+    kernel: ExactKernel,
     matrix: &[f32],
     tiles: Option<&[f32]>,
     dim: usize,
@@ -426,6 +555,7 @@ where
     debug_assert!(nq > 0 && k > 0 && rows.start < rows.end && dim > 0);
     with_query_panels(queries, nq, dim, |packed| {
         fused_panels(
+            kernel,
             matrix,
             tiles,
             dim,
@@ -482,6 +612,7 @@ fn with_query_panels<T>(
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn fused_panels<F>(
+    kernel: ExactKernel,
     matrix: &[f32],
     tiles: Option<&[f32]>,
     dim: usize,
@@ -499,10 +630,21 @@ where
     let scan = |source: Rows<'_>, rows: Range<usize>| {
         in_tasks(nq, rows, dim, FUSED_QUERY_BLOCK, k, |q0, q1, r, found| {
             let panels = q0 / PANEL..q1.div_ceil(PANEL);
-            // SAFETY: `available()` was checked; `source` covers `rows` (task ranges start on a
-            // tile boundary of it) and `packed` every panel of the `nq` queries; `found` has one
-            // list per query q0..q1, and q0 is a multiple of PANEL and q1 either one too or nq.
-            unsafe { fused_scan::scan(source, dim, r, packed, panels, nq, found, accept) }
+            // SAFETY: the kernel's `available()` was checked when it was chosen; `source`
+            // covers `rows` (task ranges start on a tile boundary of it) and `packed` every panel
+            // of the `nq` queries; `found` has one list per query q0..q1, and q0 is a multiple of
+            // PANEL and q1 either one too or nq.
+            unsafe {
+                match kernel {
+                    ExactKernel::Avx512 => crate::fused_scan512::scan(
+                        source, dim, r, packed, panels, nq, found, accept,
+                    ),
+                    // `exact_candidates` sends the portable kernel elsewhere.
+                    ExactKernel::Avx2 | ExactKernel::Portable => {
+                        fused_scan::scan(source, dim, r, packed, panels, nq, found, accept)
+                    }
+                }
+            }
         })
     };
     if let Some(tiles) = tiles {
@@ -610,10 +752,11 @@ where
     })
 }
 
-/// Row splits of [`in_tasks`] are multiples of this (the fused scan's tile height).
-const SPLIT_ALIGN: usize = 6;
+/// Row splits of [`in_tasks`] are multiples of this (the fused scans' tile heights: 6 rows on
+/// AVX2, 12 on AVX-512).
+const SPLIT_ALIGN: usize = 12;
 #[cfg(target_arch = "x86_64")]
-const _: () = assert!(SPLIT_ALIGN % crate::fused_scan::TILE == 0);
+const _: () = assert!(SPLIT_ALIGN % (2 * crate::fused_scan::TILE) == 0);
 
 /// Split `nq` queries x `rows` into (query block x row range) tasks, run `task(q0, q1, rows,
 /// lists)` for each (in parallel when allowed; `lists` has one empty [`NearTop`] per query
@@ -938,9 +1081,10 @@ mod tests {
                 exact_candidates_gemm(&matrix, dim, range.clone(), &queries, nq, k, &accept),
             ];
             #[cfg(target_arch = "x86_64")]
-            if crate::fused_scan::available() {
+            for kernel in fused_kernels() {
                 // The matrix directly, whatever the batch size.
                 let direct = fused(
+                    kernel,
                     &matrix,
                     None,
                     dim,
@@ -955,6 +1099,7 @@ mod tests {
                 // Tile-major copies a few tiles at a time: several segments per scan.
                 let seg = 4 * 6 * 7 * dim;
                 runs.push(fused(
+                    kernel,
                     &matrix,
                     None,
                     dim,
@@ -990,6 +1135,137 @@ mod tests {
                 cache.is_filled(),
                 crate::fused_scan::available() && nq >= PACK_MIN_QUERIES
             );
+        }
+    }
+
+    /// The fused kernels this CPU can run (the others are skipped: their tests pass vacuously
+    /// here and run on CPUs that have them).
+    #[cfg(target_arch = "x86_64")]
+    fn fused_kernels() -> Vec<ExactKernel> {
+        [ExactKernel::Avx512, ExactKernel::Avx2]
+            .into_iter()
+            .filter(|k| k.available())
+            .collect()
+    }
+
+    /// Each fused kernel directly, over every dimension from 1 to 64 and a spread up to 1,536,
+    /// with batch sizes that leave odd and partial panels, bank sizes that leave partial tiles
+    /// (and rows shared by many exact and one-ulp ties): every score a kernel offers is its
+    /// query's products with its row summed in dimension order with FMA (so both kernels agree
+    /// to the bit), and re-scoring its candidates gives exactly the brute-force canonical top k.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fused_kernels_match_brute_force_at_every_shape() {
+        let kernels = fused_kernels();
+        if kernels.is_empty() {
+            eprintln!("no fused kernel on this CPU: skipped");
+            return;
+        }
+        let mut seed = 23u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let dims: Vec<usize> = (1..=64)
+            .chain([
+                95, 127, 128, 129, 255, 383, 384, 385, 511, 768, 1023, 1024, 1536,
+            ])
+            .collect();
+        for (i, &dim) in dims.iter().enumerate() {
+            // Vary rows and queries with the dimension; keep the big dimensions cheap.
+            let rows = if dim > 500 {
+                61 + i % 13
+            } else {
+                37 + (i * 7) % 50
+            };
+            let nq = [1, 15, 16, 17, 33, 47, 64, 70][i % 8];
+            let k = 1 + i % 6;
+            let distinct = (rows / 3).max(1);
+            let protos: Vec<Vec<f32>> = (0..distinct)
+                .map(|_| loop {
+                    let mut v: Vec<f32> = (0..dim).map(|_| rnd()).collect();
+                    if normalize(&mut v).is_ok() {
+                        break v;
+                    }
+                })
+                .collect();
+            let mut matrix = Vec::with_capacity(rows * dim);
+            for r in 0..rows {
+                let mut v = protos[r % distinct].clone();
+                if r % 5 == 1 {
+                    v[r % dim] = f32::from_bits(v[r % dim].to_bits() + 1);
+                }
+                matrix.extend(v);
+            }
+            let mut queries: Vec<f32> = Vec::with_capacity(nq * dim);
+            for q in 0..nq {
+                if q % 4 == 3 {
+                    // A query equal to a row: its best score ties across that row's duplicates.
+                    let r = (q * 3) % rows;
+                    queries.extend_from_slice(&matrix[r * dim..(r + 1) * dim]);
+                } else {
+                    let mut v: Vec<f32> = (0..dim).map(|_| rnd()).collect();
+                    normalize(&mut v).unwrap_or_else(|_| v.fill(1.0 / (dim as f32).sqrt()));
+                    queries.extend(v);
+                }
+            }
+            let accept = |q: usize, r: usize| (q + r) % 11 != 4;
+            let range = 1..rows;
+            let id_of = |r: usize| r as u64;
+            for &kernel in &kernels {
+                for seg in [0, 6 * dim, 1 << 20] {
+                    let got = fused(
+                        kernel,
+                        &matrix,
+                        None,
+                        dim,
+                        range.clone(),
+                        &queries,
+                        nq,
+                        k,
+                        &accept,
+                        seg,
+                    );
+                    for q in 0..nq {
+                        let qv = &queries[q * dim..(q + 1) * dim];
+                        for &(s, r) in &got[q] {
+                            let row = &matrix[r as usize * dim..(r as usize + 1) * dim];
+                            let seq = qv.iter().zip(row).fold(0f32, |a, (x, y)| x.mul_add(*y, a));
+                            assert_eq!(s.to_bits(), seq.to_bits(), "{kernel:?} dim {dim} q {q}");
+                        }
+                        let want = rescore(
+                            &matrix,
+                            dim,
+                            &id_of,
+                            qv,
+                            range.clone().filter(|&r| accept(q, r)),
+                            k,
+                        );
+                        let cands = got[q].iter().map(|&(_, r)| r as usize);
+                        let top = rescore(&matrix, dim, &id_of, qv, cands, k);
+                        assert_eq!(top, want, "{kernel:?} dim {dim} rows {rows} nq {nq} q {q}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exact_kernel_choice() {
+        let best = ExactKernel::best();
+        assert!(best.available() && ExactKernel::Portable.available());
+        assert_eq!(available_exact_kernels()[0], best);
+        for k in ExactKernel::ALL {
+            assert_eq!(ExactKernel::from_name(k.name()), Some(k));
+        }
+        assert_eq!(ExactKernel::from_name("sse"), None);
+        // Only the default may be (re)set here: tests run in parallel in one process.
+        assert_eq!(set_exact_kernel(None), Ok(best));
+        #[cfg(target_arch = "x86_64")]
+        if !ExactKernel::Avx512.available() {
+            assert!(set_exact_kernel(Some(ExactKernel::Avx512)).is_err());
         }
     }
 

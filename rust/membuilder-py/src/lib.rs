@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 
 mod actions;
 mod errors;
+mod kernels;
 mod reward;
 mod state;
 mod util;
@@ -18,5 +19,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     actions::register(m)?;
     state::register(m)?;
     reward::register(m)?;
+    kernels::register(m)?;
     Ok(())
 }
