@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "qa-gen": ("membuilder.data.qagen", "write synthetic QA for every recorded session"),
     "export-sft": ("membuilder.data.export_sft", "export trajectories as LLaMA-Factory SFT data"),
     "export-rl": ("membuilder.data.export_rl", "export sessions as veRL RL parquet"),
+    "rehearse": ("membuilder.training.rehearse", "rehearse the training recipe on a CPU with a small model"),
 }
 
 
