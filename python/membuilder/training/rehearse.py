@@ -283,7 +283,7 @@ def run_sft(r: Rehearsal, base_dir: Path, sft_file: Path) -> Path:
         per_device_train_batch_size=1,
         learning_rate=cfg.sft_lr,
         lr_scheduler_type="cosine",
-        warmup_ratio=0.1,
+        warmup_steps=max(1, cfg.sft_steps // 10),  # the paper's 10% warm-up
         logging_steps=1,
         save_strategy="no",
         report_to=[],
