@@ -283,7 +283,7 @@ def run_sft(r: Rehearsal, base_dir: Path, sft_file: Path) -> Path:
         per_device_train_batch_size=1,
         learning_rate=cfg.sft_lr,
         lr_scheduler_type="cosine",
-        warmup_steps=max(1, cfg.sft_steps // 10),  # the paper's 10% warm-up
+        warmup_steps=cfg.sft_steps // 10,  # the paper's 10% warm-up (none for a few steps: lr 0 would waste one)
         logging_steps=1,
         save_strategy="no",
         report_to=[],

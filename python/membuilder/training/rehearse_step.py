@@ -260,6 +260,8 @@ class AdrpoStep:
 
     def __init__(self, policy: Any, reference: Any | None, cfg: StepConfig | None = None) -> None:
         self.cfg = cfg or StepConfig()
+        if reference is None and self.cfg.kl_coef > 0:
+            raise ValueError("the KL loss (kl_coef > 0) needs a frozen reference model")
         self.policy = policy
         self.reference = reference
         if reference is not None:
@@ -277,7 +279,7 @@ class AdrpoStep:
         with torch.no_grad():
             old = response_log_probs(self.policy, batch.prompt_ids, batch.response_ids, t)
             ref = None
-            if self.reference is not None and self.cfg.kl_coef > 0:
+            if self.cfg.kl_coef > 0:
                 ref = response_log_probs(self.reference, batch.prompt_ids, batch.response_ids, t)
         adv = weighted_advantages(batch, self.cfg)
         return build_loss_data(batch, adv, old, ref), adv
