@@ -105,10 +105,14 @@ def test_served_model_answers_through_the_openai_client_with_bounded_json():
         pytest.skip(str(exc))
 
     async def run(base_url):
-        cfg = LLMConfig(model="smollm2", base_url=base_url, provider="compatible", api_key="EMPTY", timeout=600)
+        cfg = LLMConfig(
+            model="smollm2", base_url=base_url, provider="compatible", api_key="EMPTY", timeout=600
+        )
         async with LLMClient(cfg) as client:
             judged = await client.chat(
-                [{"role": "user", "content": "Gold: Paris. Answer: Paris. Label it."}], json_mode=True, tag="judge"
+                [{"role": "user", "content": "Gold: Paris. Answer: Paris. Label it."}],
+                json_mode=True,
+                tag="judge",
             )
             plain = await client.chat([{"role": "user", "content": "Say hello."}], max_tokens=8)
             return judged, plain

@@ -32,7 +32,13 @@ def test_two_step_rehearsal(tmp_path, longmemeval_dir, locomo_path):
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     out = tmp_path / "rehearsal"
-    argv = ["rehearse", "--output-dir", str(out), "--longmemeval", str(longmemeval_dir / "longmemeval_oracle.json")]
+    argv = [
+        "rehearse",
+        "--output-dir",
+        str(out),
+        "--longmemeval",
+        str(longmemeval_dir / "longmemeval_oracle.json"),
+    ]
     argv += ["--split-file", str(longmemeval_dir / "longmemeval_splits.json"), "--locomo", str(locomo_path)]
     argv += ["--sessions", "1", "--eval-sessions", "1", "--qa-per-session", "2", "--sft-steps", "2"]
     argv += ["--adrpo-steps", "2", "--prompts-per-step", "1", "--rollouts", "2", "--max-new-tokens", "64"]

@@ -124,7 +124,10 @@ def test_weight_zero_samples_contribute_exactly_zero_gradient():
     g = torch.Generator().manual_seed(99)
     scrambled = RolloutBatch(
         full.prompt_ids,
-        [torch.randint(1, VOCAB, r.shape, generator=g) if w == 0 else r for r, w in zip(full.response_ids, weights)],
+        [
+            torch.randint(1, VOCAB, r.shape, generator=g) if w == 0 else r
+            for r, w in zip(full.response_ids, weights)
+        ],
         full.uids,
         [123.0 if w == 0 else r for r, w in zip(rewards, weights)],
         weights,

@@ -180,11 +180,15 @@ def chat_request(
         body["seed"] = int(seed)
     if json_mode:
         schema = json_schema_for_tag(tag)
-        body["response_format"] = {"type": "json_object", "schema": schema} if schema else {"type": "json_object"}
+        body["response_format"] = (
+            {"type": "json_object", "schema": schema} if schema else {"type": "json_object"}
+        )
     return body
 
 
-def load_engine(model_path: str | os.PathLike[str], *, n_ctx: int, n_threads: int | None, n_parallel: int = 1) -> Any:
+def load_engine(
+    model_path: str | os.PathLike[str], *, n_ctx: int, n_threads: int | None, n_parallel: int = 1
+) -> Any:
     """llama.cpp's server engine (``xllamacpp.Server``) on ``model_path``, quiet, ``n_ctx`` tokens per slot."""
     import xllamacpp as xlc
 

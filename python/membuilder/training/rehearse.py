@@ -164,7 +164,11 @@ def gguf_from_hf(model_dir: Path, template: Path, out_path: Path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out_path), arch=arch)
     for f in reader.fields.values():
-        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or f.name == gguf.Keys.General.FILE_TYPE:
+        if (
+            f.name == gguf.Keys.General.ARCHITECTURE
+            or f.name.startswith("GGUF.")
+            or f.name == gguf.Keys.General.FILE_TYPE
+        ):
             continue
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -215,14 +219,29 @@ def make_data(r: Rehearsal, base_url: str, model_name: str, tokenizer_dir: Path)
     argv += endpoint + ["--max-attempts", "2", "--skip-existing"]
     _cli(argv)
     _cli(
-        ["qa-gen", "--trajectories", str(traj), "--per-session", str(cfg.qa_per_session), "--model", model_name]
+        [
+            "qa-gen",
+            "--trajectories",
+            str(traj),
+            "--per-session",
+            str(cfg.qa_per_session),
+            "--model",
+            model_name,
+        ]
         + endpoint
         + ["--skip-existing"]
     )
     sft = r.out / "sft" / "membuilder_sft.json"
     _cli(
         ["export-sft", "--trajectories", str(traj), "--format", "sharegpt", "--tokenizer", str(tokenizer_dir)]
-        + ["--max-length", str(cfg.max_prompt_tokens + cfg.max_new_tokens), "--balance", "none", "--output", str(sft)]
+        + [
+            "--max-length",
+            str(cfg.max_prompt_tokens + cfg.max_new_tokens),
+            "--balance",
+            "none",
+            "--output",
+            str(sft),
+        ]
     )
     rl = r.out / "rl" / "train.parquet"
     _cli(["export-rl", "--trajectories", str(traj), "--output", str(rl)])
@@ -260,7 +279,9 @@ def run_sft(r: Rehearsal, base_dir: Path, sft_file: Path) -> Path:
     samples = json.loads(sft_file.read_text())
     feats = [f for s in samples if (f := _sft_features(s, tok, cfg.max_prompt_tokens + cfg.max_new_tokens))]
     if not feats:
-        raise RuntimeError(f"{sft_file}: no SFT sample fits {cfg.max_prompt_tokens + cfg.max_new_tokens} tokens")
+        raise RuntimeError(
+            f"{sft_file}: no SFT sample fits {cfg.max_prompt_tokens + cfg.max_new_tokens} tokens"
+        )
     r.notes["sft_samples"] = len(feats)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -283,7 +304,8 @@ def run_sft(r: Rehearsal, base_dir: Path, sft_file: Path) -> Path:
         per_device_train_batch_size=1,
         learning_rate=cfg.sft_lr,
         lr_scheduler_type="cosine",
-        warmup_steps=cfg.sft_steps // 10,  # the paper's 10% warm-up (none for a few steps: lr 0 would waste one)
+        warmup_steps=cfg.sft_steps
+        // 10,  # the paper's 10% warm-up (none for a few steps: lr 0 would waste one)
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -318,7 +340,9 @@ def run_adrpo(r: Rehearsal, sft_dir: Path, parquet: Path, base_url: str, model_n
     tok = AutoTokenizer.from_pretrained(str(sft_dir))
     policy = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=torch.float32)
-    step = AdrpoStep(policy, reference, StepConfig(lr=cfg.lr, kl_coef=cfg.kl_coef, temperature=cfg.temperature))
+    step = AdrpoStep(
+        policy, reference, StepConfig(lr=cfg.lr, kl_coef=cfg.kl_coef, temperature=cfg.temperature)
+    )
     scorer = RewardScorer(
         ScorerConfig(
             answer_model=model_name,
@@ -439,15 +463,38 @@ def run_eval(r: Rehearsal, policy_gguf: Path, base_url: str, base_name: str) -> 
     common = ["--dataset", "locomo", "--data-path", str(cfg.locomo), "--conv-id", cfg.locomo_conversation]
     common += ["--sessions", str(cfg.eval_sessions), "--db-path", str(db), "--no-progress"]
     with LocalModelServer(
-        policy_gguf, model_name="membuilder-rehearsal", n_threads=cfg.threads, max_tokens_cap=cfg.served_max_tokens
+        policy_gguf,
+        model_name="membuilder-rehearsal",
+        n_threads=cfg.threads,
+        max_tokens_cap=cfg.served_max_tokens,
     ) as policy_server:
         _cli(
-            ["eval", "--mode", "build", *common, "--provider", "compatible", "--base-url", policy_server.base_url]
+            [
+                "eval",
+                "--mode",
+                "build",
+                *common,
+                "--provider",
+                "compatible",
+                "--base-url",
+                policy_server.base_url,
+            ]
             + ["--api-key", "EMPTY", "--model", "membuilder-rehearsal", "--output-dir", str(build_dir)]
         )
         r.notes["policy_server_requests"] = policy_server.requests
     _cli(
-        ["eval", "--mode", "answer", *common, "--provider", "compatible", "--base-url", base_url, "--api-key", "EMPTY"]
+        [
+            "eval",
+            "--mode",
+            "answer",
+            *common,
+            "--provider",
+            "compatible",
+            "--base-url",
+            base_url,
+            "--api-key",
+            "EMPTY",
+        ]
         + ["--model", base_name, "--answer-model", base_name, "--judge-model", base_name]
         + ["--questions", "5", "--output-dir", str(answer_dir)]
     )
@@ -582,12 +629,20 @@ def rehearse(cfg: RehearsalConfig) -> Rehearsal:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Rehearse the whole training recipe on a CPU: data, SFT, ADRPO, serve, evaluate, report."
+    parser.description = (
+        "Rehearse the whole training recipe on a CPU: data, SFT, ADRPO, serve, evaluate, report."
+    )
     parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--longmemeval", type=Path, required=True, help="LongMemEval file (e.g. longmemeval_oracle.json)")
-    parser.add_argument("--split-file", type=Path, default=None, help="split file (default: beside --longmemeval)")
+    parser.add_argument(
+        "--longmemeval", type=Path, required=True, help="LongMemEval file (e.g. longmemeval_oracle.json)"
+    )
+    parser.add_argument(
+        "--split-file", type=Path, default=None, help="split file (default: beside --longmemeval)"
+    )
     parser.add_argument("--locomo", type=Path, required=True, help="LoCoMo file (locomo10.json)")
-    parser.add_argument("--conv-id", action="append", default=None, help="LongMemEval ids (default: first 2 of rl)")
+    parser.add_argument(
+        "--conv-id", action="append", default=None, help="LongMemEval ids (default: first 2 of rl)"
+    )
     parser.add_argument("--locomo-conv", default="conv-26")
     parser.add_argument("--sessions", type=int, default=2, help="sessions of each LongMemEval conversation")
     parser.add_argument("--eval-sessions", type=int, default=2, help="sessions of the LoCoMo conversation")

@@ -190,7 +190,10 @@ def weighted_advantages(batch: RolloutBatch, cfg: StepConfig | None = None) -> l
     valid = batch.is_valid
     index = np.array([u if valid[i] else f"{u}#unscored{i}" for i, u in enumerate(batch.uids)], dtype=object)
     adv, _returns = compute_grpo_outcome_advantage(
-        token_level_rewards=rewards, response_mask=mask, index=index, norm_adv_by_std_in_grpo=cfg.norm_adv_by_std
+        token_level_rewards=rewards,
+        response_mask=mask,
+        index=index,
+        norm_adv_by_std_in_grpo=cfg.norm_adv_by_std,
     )
     adv = scale_advantages(adv, np.asarray(batch.weights, dtype=np.float64))
     return [adv[i, :n].clone() for i, n in enumerate(lens)]
@@ -270,7 +273,9 @@ class AdrpoStep:
                 p.requires_grad_(False)
         self.actor_cfg = actor_config(self.cfg)
         self.optimizer = torch.optim.AdamW(
-            [p for p in policy.parameters() if p.requires_grad], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
+            [p for p in policy.parameters() if p.requires_grad],
+            lr=self.cfg.lr,
+            weight_decay=self.cfg.weight_decay,
         )
 
     def prepare(self, batch: RolloutBatch) -> tuple[Any, list[torch.Tensor]]:
@@ -288,7 +293,9 @@ class AdrpoStep:
         """verl's loss on ``batch`` with gradients attached to the policy (no optimizer step)."""
         data, adv = self.prepare(batch)
         self.policy.train()
-        log_probs = sequence_log_probs(self.policy, batch.prompt_ids, batch.response_ids, self.cfg.temperature)
+        log_probs = sequence_log_probs(
+            self.policy, batch.prompt_ids, batch.response_ids, self.cfg.temperature
+        )
         loss, metrics = adrpo_loss(self.actor_cfg, log_probs, data)
         return loss, metrics, data, adv
 
