@@ -54,7 +54,7 @@ pub unsafe fn scan<F>(
     debug_assert!(match source {
         Rows::Matrix(m) => m.len() >= rows.end * dim,
         Rows::Tiles { tiles, first } => {
-            (rows.start - first) % TILE == 0
+            (rows.start - first).is_multiple_of(TILE)
                 && tiles.len() >= (rows.end - first).div_ceil(TILE) * TILE * dim
         }
     });

@@ -756,7 +756,10 @@ where
 /// AVX2, 12 on AVX-512).
 const SPLIT_ALIGN: usize = 12;
 #[cfg(target_arch = "x86_64")]
-const _: () = assert!(SPLIT_ALIGN % (2 * crate::fused_scan::TILE) == 0);
+const _: () = assert!(SPLIT_ALIGN.is_multiple_of(2 * crate::fused_scan::TILE));
+
+/// One query's partial top lists from every row split, and its merged candidates.
+type QuerySlot = (Vec<NearTop>, Vec<(f32, u64)>);
 
 /// Split `nq` queries x `rows` into (query block x row range) tasks, run `task(q0, q1, rows,
 /// lists)` for each (in parallel when allowed; `lists` has one empty [`NearTop`] per query
@@ -795,7 +798,7 @@ where
     });
     // Gather per query its `splits` partial lists, then merge them in parallel (a thousand small
     // selections and sorts are a visible share of a batch).
-    let mut slots: Vec<(Vec<NearTop>, Vec<(f32, u64)>)> = (0..nq)
+    let mut slots: Vec<QuerySlot> = (0..nq)
         .map(|_| (Vec::with_capacity(splits), Vec::new()))
         .collect();
     for (t, found) in partial.into_iter().enumerate() {
@@ -1052,7 +1055,7 @@ mod tests {
                     v
                 })
                 .collect();
-            let accept = |_: usize, r: usize| r >= 2 && r % 3 != 0;
+            let accept = |_: usize, r: usize| r >= 2 && !r.is_multiple_of(3);
             let range = 2..rows;
             let cache = TileCache::default();
             let mut runs = vec![
