@@ -305,13 +305,16 @@ def test_json_mode_fallback_in_a_full_run(locomo_path: Path, tmp_path: Path) -> 
     assert log and all(c["ok"] for line in log for c in line["calls"])
     res = _results(out)
     assert len(res) == 3 and not any(r["judge_unreadable"] for r in res.values())
-    # without the fallback the same server fails every agent (the run still finishes, agents skipped)
+    # without the fallback the same server fails every agent: the session is not built and the run
+    # says so with exit 1 (a failed build is never recorded as done)
     out2 = tmp_path / "nofallback"
     with ScriptedOpenAIServer(MemoryResponder(), reject_response_format=True) as server:
         argv = [*_locomo(locomo_path, out2, "--mode", "build", "--no-json-mode-fallback"), *_endpoint(server)]
-        assert _main(argv) == 0
-    assert not any(c["ok"] for line in read_jsonl(out2 / "build_log.jsonl") for c in line["calls"])
-    assert _summary(out2)["protocol"]["overrides"]["json_mode_fallback"] is False
+        assert _main(argv) == 1
+    summary = _summary(out2)
+    assert [f["conversation_id"] for f in summary["failed_sessions"]] == ["conv-26"]
+    assert "response_format" in summary["failed_sessions"][0]["reason"]
+    assert summary["protocol"]["overrides"]["json_mode_fallback"] is False
 
 
 # --------------------------------------------------------------------------------------------

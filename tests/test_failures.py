@@ -331,8 +331,11 @@ def test_hostile_answer_and_judge_replies_are_recorded_per_item(locomo_path: Pat
 
     responder = Scripted(answer=lambda r: "Caroline \ud800 went to a support group", judge=judge)
     with ScriptedOpenAIServer(responder) as server:
+        # membuilder protocol: an unreadable verdict is asked again and then left out of the
+        # denominator (under paper it counts as WRONG after one call; test_eval_protocol covers that)
         argv = eval_args(locomo_path, out, server, "--conv-id", "conv-26", "--sessions", "1",
-                         "--questions", "4", "--mode", "full")  # fmt: skip
+                         "--questions", "4", "--mode", "full", "--protocol", "membuilder",
+                         "--gold", "original")  # fmt: skip
         proc = cli(*argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = read_jsonl(out / "results.jsonl")
