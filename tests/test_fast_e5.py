@@ -188,12 +188,14 @@ def test_shapes_modes_batching_and_async(fast, locomo_path):
 
 
 def test_rejects_bad_input_and_options():
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidArgumentError, match="variant"):
         FastE5Embedder("xl")
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidArgumentError, match="max_batch_tokens"):
         FastE5Embedder(max_batch_tokens=100)
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(TypeError, match="list of texts"):
         FastE5Embedder().embed_passages("a bare string")
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        FastE5Embedder().embed_queries(["ok", 3])
     with pytest.raises(InvalidArgumentError, match="locally"):
         make_embedder("e5", api_key="k")
 
