@@ -17,6 +17,10 @@ tokens whose mean-pooled vectors are averaged, weighted by their token counts â€
 
 onnxruntime releases the GIL while it computes; the async methods run in a worker thread. Its thread
 pool does not survive ``fork``: a forked child builds its own session (nothing to do for the caller).
+Known problem: in a child forked after a session has *run*, the Rust core's batched search was seen
+to hang (``tests/test_views.py``'s fork test, when run in the same pytest process after the engine
+tests); the engine's tests therefore run in a child interpreter. Use the ``spawn`` start method for
+workers of a process that has embedded.
 """
 
 from __future__ import annotations
@@ -131,12 +135,17 @@ class _Engine:
         self.type0 = np.array(f.f32("emb.type")[: f.hidden])
         self.ln_w = np.array(f.f32("emb.ln.w"))
         self.ln_b = np.array(f.f32("emb.ln.b"))
+        self._session = None  # built at the first call: constructing an embedder starts no threads
+        self.path = f"onnxruntime {ort.__version__} CPU, float32 GEMM via MLAS {_gemm_isa()}"
+        self.lock = threading.Lock()
+
+    def _new_session(self):
+        import onnxruntime as ort
+
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(_encoder_graph(f), opts, providers=["CPUExecutionProvider"])
-        self.path = f"onnxruntime {ort.__version__} CPU, float32 GEMM via MLAS {_gemm_isa()}"
-        self.lock = threading.Lock()
+        return ort.InferenceSession(_encoder_graph(self.file), opts, providers=["CPUExecutionProvider"])
 
     def run(self, windows: list[list[int]]) -> np.ndarray:
         """Mean-pooled (not normalised) final hidden states of same-length-ish token windows."""
@@ -157,7 +166,9 @@ class _Engine:
         x *= self.ln_w
         x += self.ln_b
         mask = np.where(valid, 0.0, _MASKED).astype(np.float32)[:, None, None, :]
-        (y,) = self.session.run(["y"], {"x": x.astype(np.float32, copy=False), "mask": mask})
+        if self._session is None:
+            self._session = self._new_session()
+        (y,) = self._session.run(["y"], {"x": x.astype(np.float32, copy=False), "mask": mask})
         weights = valid.astype(np.float32)[:, :, None]
         return (y * weights).sum(1) / weights.sum(1)
 
