@@ -14,9 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 import membuilder
+import numpy as np
 from membuilder import MemoryState, Provenance, parse_actions
 
 assert "site-packages" in membuilder.__file__, f"imported from the source tree: {membuilder.__file__}"
@@ -44,9 +43,25 @@ data = Path(os.environ["MEMBUILDER_SMOKE_DATA"]) / "locomo" / "locomo10.json"
 with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "run"
     cmd = [
-        sys.executable, "-m", "membuilder.cli", "eval", "--dataset", "locomo", "--data-path", str(data),
-        "--conv-id", "conv-26", "--mode", "retrieval", "--builder", "raw", "--embedder", "hash",
-        "--output-dir", str(out), "--no-progress",
+        sys.executable,
+        "-m",
+        "membuilder.cli",
+        "eval",
+        "--dataset",
+        "locomo",
+        "--data-path",
+        str(data),
+        "--conv-id",
+        "conv-26",
+        "--mode",
+        "retrieval",
+        "--builder",
+        "raw",
+        "--embedder",
+        "hash",
+        "--output-dir",
+        str(out),
+        "--no-progress",
     ]
     subprocess.run(cmd, check=True)
     summary = json.loads((out / "summary.json").read_text())

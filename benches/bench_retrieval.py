@@ -38,9 +38,11 @@ DIMS = [int(s) for s in os.environ.get("BENCH_DIMS", "384,1536").split(",")]
 GRAPH_MAX = int(os.environ.get("BENCH_GRAPH_MAX", "100000"))
 GRAPH_1536 = os.environ.get("BENCH_GRAPH_1536") == "1"
 _INFO = c.cpu_info()
-KERNELS = os.environ.get("BENCH_KERNELS", "").split(",") if os.environ.get("BENCH_KERNELS") else [
-    k for k in _INFO["exact_search_available"] if k != "portable"
-] or ["portable"]
+KERNELS = (
+    os.environ.get("BENCH_KERNELS", "").split(",")
+    if os.environ.get("BENCH_KERNELS")
+    else [k for k in _INFO["exact_search_available"] if k != "portable"] or ["portable"]
+)
 N_QUERIES = 1000
 K = 10
 PROV = c.Provenance("bench", 0)

@@ -60,6 +60,7 @@ def cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,
     )
 
 
@@ -271,8 +272,8 @@ def test_a_second_writer_is_refused_naming_the_holder(
 
     # The kernel drops the lock of a killed holder: nothing stale to clear by hand.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from membuilder._lock import DirectoryLock; "
-         f"DirectoryLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", ("import sys, time; from membuilder._lock import DirectoryLock; "
+         f"DirectoryLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)")],
         env=_env(), stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
@@ -615,8 +616,10 @@ def _date_cases(locomo: Path, lme: Path, tmp: Path) -> list[tuple[str, str, Path
         shutil.copytree(FIXTURES / "perltqa", d)
         mem_file = d / "perltmem_en_v2.json"
         text = mem_file.read_text()
-        text = text.replace('"2022-03-03 09:00"', '"the day after"', 1) if kind == "dialogue" else (
-            text.replace('"March 3, 2022"', '"whenever"', 1)
+        text = (
+            text.replace('"2022-03-03 09:00"', '"the day after"', 1)
+            if kind == "dialogue"
+            else (text.replace('"March 3, 2022"', '"whenever"', 1))
         )
         mem_file.write_text(text)
         item = "Creation Time" if kind == "event" else "contents"

@@ -252,9 +252,7 @@ class _Store:
         """Insert entries directly (the raw-turn builder); returns their ids."""
     def set_core(self, text: str) -> None:
         """Replace the core block (after LLM compression)."""
-    def search(
-        self, query: npt.NDArray[np.float32], k: int, kind: BankKind | None = None
-    ) -> SearchHits:
+    def search(self, query: npt.NDArray[np.float32], k: int, kind: BankKind | None = None) -> SearchHits:
         """Top-k live entries by cosine similarity; all banks when ``kind`` is None."""
     def search_batch(
         self, queries: npt.NDArray[np.float32], k: int, kind: BankKind | None = None
@@ -366,9 +364,7 @@ def length_penalty(
 ) -> float:
     """Core: linear between theta_min and theta_max. Others: ratio to the expert's length."""
 
-def final_reward(
-    format_ok: bool, task: float, penalty: float, config: RewardConfig | None = None
-) -> float:
+def final_reward(format_ok: bool, task: float, penalty: float, config: RewardConfig | None = None) -> float:
     """0 if the format gate failed, else ``task * (1 - lambda * penalty)``."""
 
 def retrieval_counts(kinds: npt.NDArray[np.int8]) -> tuple[int, int, int]:
@@ -377,9 +373,7 @@ def retrieval_counts(kinds: npt.NDArray[np.int8]) -> tuple[int, int, int]:
 def dominant_kind(counts: tuple[int, int, int] | Sequence[int]) -> BankKind | None:
     """The kind retrieved most; ties go to the first in kind order; None when all are zero."""
 
-def attribution_weight(
-    agent: Agent, dominant: BankKind | None, config: RewardConfig | None = None
-) -> float:
+def attribution_weight(agent: Agent, dominant: BankKind | None, config: RewardConfig | None = None) -> float:
     """alpha for the dominant kind's agent, else 1 (core always 1)."""
 
 @final

@@ -76,7 +76,7 @@ class DirectoryLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def __enter__(self) -> DirectoryLock:
+    def __enter__(self) -> DirectoryLock:  # noqa: PYI034 (typing.Self needs 3.11; we support 3.10)
         return self.acquire()
 
     def __exit__(

@@ -44,8 +44,7 @@ def json_depth(text: str | bytes) -> int:
             in_string = True
         elif ch in "[{":
             depth += 1
-            if depth > deepest:
-                deepest = depth
+            deepest = max(deepest, depth)
         elif ch in "]}":
             depth = max(0, depth - 1)
     return deepest

@@ -51,6 +51,8 @@ from typing import Any
 import msgspec
 
 from membuilder._core import AGENTS, MembuilderError, MemoryState
+from membuilder._lock import DirectoryLock, remove_stale_temp_files
+from membuilder._redact import redact_text
 from membuilder.data._common import (
     add_endpoint_arguments,
     make_embedder,
@@ -58,8 +60,6 @@ from membuilder.data._common import (
     resolve_cache_dir,
     setup_logging,
 )
-from membuilder._lock import DirectoryLock, remove_stale_temp_files
-from membuilder._redact import redact_text
 from membuilder.data._io import (
     append_run_log,
     atomic_write_bytes,

@@ -103,10 +103,7 @@ class OpenAIEmbedder:
             api_key = api_key or os.environ.get("OPENAI_EMBEDDINGS_API_KEY") or "EMPTY"
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = (
-            api_key
-            or os.environ.get("OPENAI_EMBEDDINGS_API_KEY")
-            or os.environ.get("OPENAI_API_KEY")
-            or None
+            api_key or os.environ.get("OPENAI_EMBEDDINGS_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
         )
         if api_key is None:
             if base_url is None:

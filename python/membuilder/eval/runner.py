@@ -232,9 +232,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model", help="model of the memory agents (build) and, unless --answer-model, of answering"
     )
-    g.add_argument(
-        "--answer-model", help="answer model (default: --model, else the protocol's gpt-4.1-mini)"
-    )
+    g.add_argument("--answer-model", help="answer model (default: --model, else the protocol's gpt-4.1-mini)")
     g.add_argument("--judge-model", help="judge model (default: the protocol's, gpt-4.1)")
     g.add_argument("--provider", choices=PROVIDERS, default="openai", help="openai | vllm | compatible")
     g.add_argument("--base-url", help="endpoint, e.g. http://localhost:8000/v1 (vllm default)")
@@ -296,8 +294,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--parallel",
         action="store_true",
-        help="accepted for the reference's flag; conversations always run concurrently here "
-        "(--concurrency)",
+        help="accepted for the reference's flag; conversations always run concurrently here (--concurrency)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", "-v", action="store_true", help="log every session and answer")
@@ -733,9 +730,8 @@ class Runner:
             # One writer per directory: a second run on the same output (or memory being built)
             # is refused before it reads or writes anything.
             locks.enter_context(DirectoryLock(cfg.output_dir, "eval output directory"))
-            if cfg.needs_build:
-                if cfg.memory_dir.resolve() != cfg.output_dir.resolve():
-                    locks.enter_context(DirectoryLock(cfg.memory_dir, "memory directory (--db-path)"))
+            if cfg.needs_build and cfg.memory_dir.resolve() != cfg.output_dir.resolve():
+                locks.enter_context(DirectoryLock(cfg.memory_dir, "memory directory (--db-path)"))
             # Holding the locks, a temporary file here was left by a run that was killed
             # between writing it and renaming it into place (write_json_atomic: ".<name>.tmp<pid>").
             stale = remove_stale_temp_files(cfg.output_dir, also=(".*.tmp[0-9]*",))
@@ -858,9 +854,7 @@ class Runner:
                             build_log.append(
                                 {**_session_log(conv.id, s.id, res, len(state)), "failed": info["reason"]}
                             )
-                            log.error(
-                                "%s: session %d not built (%s)", conv.id, s.index + 1, info["reason"]
-                            )
+                            log.error("%s: session %d not built (%s)", conv.id, s.index + 1, info["reason"])
                             return
                         # Checkpoint first: the log line is informational, the state is the truth.
                         last = s.index + 1 == len(conv.sessions)
@@ -1111,7 +1105,9 @@ class Runner:
             report = markdown_report(summary).split("\n")
             # The protocol (and any ids a split asked for that the file lacks) under the title.
             report[2:2] = protocol_setup.report_lines(summary)
-            (cfg.output_dir / "report.md").write_text("\n".join(report) + trust_sections(summary), encoding="utf-8")
+            (cfg.output_dir / "report.md").write_text(
+                "\n".join(report) + trust_sections(summary), encoding="utf-8"
+            )
             write_chart(summary, cfg.output_dir / "chart.png")
         return summary
 

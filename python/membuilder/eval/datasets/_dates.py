@@ -48,7 +48,5 @@ def require_date(
 ) -> str | None:
     """``text`` unchanged when it is ``None`` or parses; else DatasetError at ``path``/``where``."""
     if text is not None and parse(text) is None:
-        raise DatasetError(
-            path, where, f"{text[:80]!r} is not a date (expected a form like {example!r})"
-        )
+        raise DatasetError(path, where, f"{text[:80]!r} is not a date (expected a form like {example!r})")
     return text
