@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -32,6 +33,29 @@ class Embedder(Protocol):
     async def aembed_passages(self, texts: Sequence[str]) -> np.ndarray: ...
 
     async def aembed_queries(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class E5Modes:
+    """The four embedding methods of an e5 model in terms of one ``_encode(texts, is_query)``:
+    passages and queries differ only in e5's prefix, and the async twins run the (GIL-releasing)
+    computation in a worker thread. Shared by both local e5 engines."""
+
+    def _encode(self, texts: Sequence[str], is_query: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed memories/documents (``"passage: "`` mode). Shape ``(n, 384)``, float32, unit rows."""
+        return self._encode(texts, False)
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed search queries (``"query: "`` mode). Shape ``(n, 384)``, float32, unit rows."""
+        return self._encode(texts, True)
+
+    async def aembed_passages(self, texts: Sequence[str]) -> np.ndarray:
+        return await asyncio.to_thread(self._encode, as_text_list(texts), False)
+
+    async def aembed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return await asyncio.to_thread(self._encode, as_text_list(texts), True)
 
 
 def as_text_list(texts: Sequence[str]) -> list[str]:

