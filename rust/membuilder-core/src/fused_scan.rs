@@ -106,6 +106,30 @@ pub fn pack_rows(matrix: &[f32], dim: usize, rows: Range<usize>) -> Vec<f32> {
     out
 }
 
+/// The argument contract shared by every fused scan (this one and the AVX-512 one), checked in
+/// debug builds: the rows exist in `source`, the tiles start on a tile boundary, the panels are
+/// packed, and there is one list per real query of `panels`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn debug_check_scan_args(
+    source: Rows<'_>,
+    dim: usize,
+    rows: &Range<usize>,
+    packed: &[Line],
+    panels: &Range<usize>,
+    nq: usize,
+    lists: usize,
+) {
+    debug_assert!(match source {
+        Rows::Matrix(m) => m.len() >= rows.end * dim,
+        Rows::Tiles { tiles, first } => {
+            (rows.start - first).is_multiple_of(TILE)
+                && tiles.len() >= (rows.end - first).div_ceil(TILE) * TILE * dim
+        }
+    });
+    debug_assert!(packed.len() >= panels.end * dim);
+    debug_assert_eq!(lists, nq.min(panels.end * PANEL) - panels.start * PANEL);
+}
+
 /// Scan rows `rows` (read from `source`) for the queries of panels `panels` (packed by
 /// [`pack_into`]; `nq` is the total number of real queries, so padding lanes are ignored),
 /// offering to `found` (one list per query of these panels, in order) every row at or above that
@@ -132,15 +156,7 @@ pub unsafe fn scan<F>(
 {
     let q_first = panels.start * PANEL;
     let n_panels = panels.end - panels.start;
-    debug_assert!(match source {
-        Rows::Matrix(m) => m.len() >= rows.end * dim,
-        Rows::Tiles { tiles, first } => {
-            (rows.start - first).is_multiple_of(TILE)
-                && tiles.len() >= (rows.end - first).div_ceil(TILE) * TILE * dim
-        }
-    });
-    debug_assert!(packed.len() >= panels.end * dim);
-    debug_assert_eq!(found.len(), nq.min(panels.end * PANEL) - q_first);
+    debug_check_scan_args(source, dim, &rows, packed, &panels, nq, found.len());
     if rows.start >= rows.end || dim == 0 || n_panels == 0 {
         return;
     }

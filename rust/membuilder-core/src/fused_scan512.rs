@@ -16,7 +16,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use crate::fused_scan::{chunk_rows, Line, Rows, PANEL, TILE};
+use crate::fused_scan::{chunk_rows, debug_check_scan_args, Line, Rows, PANEL, TILE};
 use crate::retrieval::NearTop;
 
 /// Queries per register tile: two panels.
@@ -51,15 +51,7 @@ pub unsafe fn scan<F>(
 {
     let q_first = panels.start * PANEL;
     let n_panels = panels.end - panels.start;
-    debug_assert!(match source {
-        Rows::Matrix(m) => m.len() >= rows.end * dim,
-        Rows::Tiles { tiles, first } => {
-            (rows.start - first).is_multiple_of(TILE)
-                && tiles.len() >= (rows.end - first).div_ceil(TILE) * TILE * dim
-        }
-    });
-    debug_assert!(packed.len() >= panels.end * dim);
-    debug_assert_eq!(found.len(), nq.min(panels.end * PANEL) - q_first);
+    debug_check_scan_args(source, dim, &rows, packed, &panels, nq, found.len());
     if rows.start >= rows.end || dim == 0 || n_panels == 0 {
         return;
     }
