@@ -354,26 +354,26 @@ def test_make_embedder_specs(tmp_path):
 _FORK_SCRIPT = """
 import multiprocessing, sys
 import numpy as np
-from membuilder.embed import LocalE5Embedder
+from membuilder.embed import {cls}
 
 TEXTS = ["The user adopted a beagle named Max.", "Dinner with Sam on Friday at the Thai place."]
 
 def child(conn):
     try:
-        conn.send(LocalE5Embedder().embed_passages(TEXTS))
+        conn.send({cls}().embed_passages(TEXTS))
     finally:
         conn.close()
 
 if __name__ == "__main__":
-    parent = LocalE5Embedder().embed_passages(TEXTS)
+    parent = {cls}().embed_passages(TEXTS)
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=child, args=(send,))
     proc.start()
     send.close()
-    if not receive.poll(60):
+    if not receive.poll({wait}):
         proc.kill()
-        sys.exit("the forked child did not answer within 60 s (OpenMP hang?)")
+        sys.exit("the forked child did not answer within {wait} s")
     vectors = receive.recv()
     proc.join(10)
     assert proc.exitcode == 0, proc.exitcode
@@ -383,12 +383,20 @@ if __name__ == "__main__":
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
-def test_e5_works_in_a_forked_child_of_a_process_that_used_it(tmp_path):
-    # OpenMP cannot start threads after fork: without the single-thread fallback this child hangs.
+@pytest.mark.parametrize(
+    ("cls", "wait", "timeout"),
+    [
+        # OpenMP cannot start threads after fork: without the single-thread fallback this child hangs.
+        ("LocalE5Embedder", 60, 180),
+        # onnxruntime's thread pool does not survive fork: the child must build its own session.
+        ("FastE5Embedder", 120, 300),
+    ],
+)
+def test_e5_works_in_a_forked_child_of_a_process_that_used_it(tmp_path, cls, wait, timeout):
     script = tmp_path / "fork_check.py"
-    script.write_text(_FORK_SCRIPT, encoding="utf-8")
+    script.write_text(_FORK_SCRIPT.format(cls=cls, wait=wait), encoding="utf-8")
     done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=180, check=False
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "fork-ok" in done.stdout

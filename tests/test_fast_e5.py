@@ -221,47 +221,8 @@ def test_enpt_variant_matches_its_c_engine():
     assert float((ours * theirs).sum(1).min()) >= 0.999
 
 
-_FORK_SCRIPT = """
-import multiprocessing, sys
-import numpy as np
-from membuilder.embed import FastE5Embedder
-
-TEXTS = ["The user adopted a beagle named Max.", "Dinner with Sam on Friday at the Thai place."]
-
-def child(conn):
-    try:
-        conn.send(FastE5Embedder().embed_passages(TEXTS))
-    finally:
-        conn.close()
-
-if __name__ == "__main__":
-    parent = FastE5Embedder().embed_passages(TEXTS)
-    ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=child, args=(send,))
-    proc.start()
-    send.close()
-    if not receive.poll(120):
-        proc.kill()
-        sys.exit("the forked child did not answer within 120 s")
-    vectors = receive.recv()
-    proc.join(10)
-    assert proc.exitcode == 0, proc.exitcode
-    np.testing.assert_allclose(vectors, parent, atol=1e-5)
-    print("fork-ok")
-"""
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
-def test_works_in_a_forked_child_of_a_process_that_used_it(tmp_path):
-    # onnxruntime's thread pool does not survive fork: the child must build its own session.
-    script = tmp_path / "fork_check.py"
-    script.write_text(_FORK_SCRIPT, encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "fork-ok" in done.stdout
+# The fork check (a child forked after the engine ran still embeds) is parametrised over both
+# engines in test_embed.py.
 
 
 def test_engine_in_a_child(tmp_path):
