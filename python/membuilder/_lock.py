@@ -16,13 +16,9 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
-from membuilder._core import InvalidArgumentError
+from membuilder.errors import DirectoryBusyError
 
 LOCK_FILE = ".membuilder.lock"
-
-
-class DirectoryBusyError(InvalidArgumentError):
-    """Another process holds the directory's lock."""
 
 
 class DirectoryLock:

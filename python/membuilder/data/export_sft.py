@@ -295,8 +295,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from membuilder._errors import os_error_line
     from membuilder._lock import DirectoryLock
+    from membuilder.errors import os_error_line
 
     try:
         if Path(args.output).is_dir():

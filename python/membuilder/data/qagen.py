@@ -622,9 +622,9 @@ def resolve_protocol(args: argparse.Namespace) -> Protocol:
 
 
 def run(args: argparse.Namespace) -> int:
-    from membuilder._errors import os_error_line
     from membuilder._lock import DirectoryLock
     from membuilder.data.trajectories import read_manifest
+    from membuilder.errors import os_error_line
     from membuilder.prompt_templates import load_prompt_templates, use_templates
 
     setup_logging(getattr(args, "verbose", False))

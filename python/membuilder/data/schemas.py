@@ -56,7 +56,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from membuilder._core import MembuilderError
+from membuilder.errors import DataFormatError
 
 __all__ = [
     "AGENT_ORDER",
@@ -102,14 +102,6 @@ SFT_VERSION = 1
 RL_VERSION = 1
 
 Agent = Literal["core", "episodic", "semantic", "procedural"]
-
-
-class DataFormatError(MembuilderError, ValueError):
-    """A data file is malformed or of another format version. ``path`` names the file."""
-
-    def __init__(self, message: str, path: str | Path | None = None) -> None:
-        super().__init__(message)
-        self.path = None if path is None else str(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ from membuilder.data.schemas import (
     encode_json,
     state_path,
 )
+from membuilder.errors import TrajectoryError
 from membuilder.prompt_templates import use_templates
 from membuilder.protocol import (
     DEFAULT_PROTOCOL,
@@ -99,10 +100,6 @@ CALLS_FILE = "agent_calls.jsonl"
 META_FILE = "metadata.json"
 QA_FILE = "qa.jsonl"
 MANIFEST_FILE = "manifest.json"
-
-
-class TrajectoryError(MembuilderError, RuntimeError):
-    """A conversation could not be recorded (endpoint failure, conflicting output directory...)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -945,7 +942,7 @@ async def close_embedder(embedder: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from membuilder._errors import os_error_line
+    from membuilder.errors import os_error_line
     from membuilder.prompt_templates import load_prompt_templates, templates_record
 
     setup_logging(getattr(args, "verbose", False))

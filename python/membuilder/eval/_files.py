@@ -19,12 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from membuilder._core import InvalidArgumentError
 from membuilder._text import clean_text, loads_shallow
-
-
-class DamagedFileError(InvalidArgumentError):
-    """A results file has a complete line that is not JSON (not a torn last line)."""
+from membuilder.errors import DamagedFileError
 
 
 def _fsync_dir(directory: Path) -> None:

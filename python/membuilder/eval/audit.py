@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from membuilder.eval.datasets import Conversation, DatasetError
+from membuilder.errors import AuditError
+from membuilder.eval.datasets import Conversation
 from membuilder.eval.datasets._io import read_json
 from membuilder.eval.datasets.locomo import normalize_evidence
 
@@ -56,10 +57,6 @@ AMBIGUOUS = "AMBIGUOUS"
 GOLD_CHOICES = ("original", "audited", "both")
 
 _AUDIT_ID = re.compile(r"^locomo_(\d+)_qa(\d+)$")
-
-
-class AuditError(DatasetError):
-    """The audit file is unreadable or does not match the dataset (names the file and entry)."""
 
 
 @dataclass(frozen=True, slots=True)

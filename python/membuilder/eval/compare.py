@@ -21,14 +21,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from membuilder.errors import CompareError
 from membuilder.eval.stats import mcnemar, paired_bootstrap, proportion
 from membuilder.protocol import measurement_difference, protocol_difference
 
 __all__ = ["CompareError", "add_arguments", "compare_runs", "load_run", "markdown", "run"]
-
-
-class CompareError(ValueError):
-    """Runs that cannot be compared (the message is the one line shown to the user)."""
 
 
 def _positive(text: str) -> int:

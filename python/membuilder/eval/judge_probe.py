@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from membuilder.errors import ProbeError
 from membuilder.eval.stats import proportion
 from membuilder.judge import JUDGE_STYLES
 from membuilder.protocol import add_protocol_argument, get_protocol
@@ -83,10 +84,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, help="LLM response cache (default: <output-dir>/llm_cache)")
     p.add_argument("--no-cache", action="store_true", help="do not cache judge replies")
     p.add_argument("--max-concurrent-requests", type=_positive, default=16, help="requests in flight")
-
-
-class ProbeError(ValueError):
-    """Bad probe input (one line, naming the file)."""
 
 
 def load_probe_items(

@@ -1180,7 +1180,7 @@ def _session_log(conv_id: str, session_id: str, res: Any, entries: int) -> dict[
 def run(args: argparse.Namespace) -> int:
     """Run from parsed arguments; returns the exit status (0 ok, 1 some sessions or calls failed,
     2 bad input, 130 interrupted)."""
-    from membuilder._errors import os_error_line
+    from membuilder.errors import os_error_line
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

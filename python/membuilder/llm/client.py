@@ -27,9 +27,9 @@ import openai
 
 from membuilder._core import InvalidArgumentError
 from membuilder._text import clean_text
+from membuilder.errors import LLMError
 from membuilder.llm._loops import PerLoop
 from membuilder.llm.cache import ResponseCache, cache_key
-from membuilder.llm.errors import LLMError
 from membuilder.llm.reasoning import split_reasoning
 from membuilder.llm.retry import (
     MalformedResponse,

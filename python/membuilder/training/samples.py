@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from membuilder.errors import GroundTruthError
 from membuilder.protocol import PROTOCOLS
 
 AGENTS = ("core", "episodic", "semantic", "procedural")
@@ -23,10 +24,6 @@ PAIRINGS = ("expert", "joint")
 #: ``protocol_id`` in the reward metrics: 0 = paper, 1 = membuilder (-1: none recorded).
 PROTOCOL_IDS = {name: float(i) for i, name in enumerate(PROTOCOLS)}
 RL_GROUND_TRUTH_VERSION = 1  # membuilder.data.schemas.RL_VERSION
-
-
-class GroundTruthError(ValueError):
-    """A sample's ground truth is missing a field or has the wrong shape (a data problem, not a model one)."""
 
 
 @dataclass(frozen=True)

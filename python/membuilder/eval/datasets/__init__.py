@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from membuilder._core import InvalidArgumentError
+from membuilder.errors import DatasetError
 from membuilder.eval.datasets._io import read_json
 from membuilder.eval.datasets._types import (
     Conversation,
     Dataset,
-    DatasetError,
     Question,
     Session,
     Turn,

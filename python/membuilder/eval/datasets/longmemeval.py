@@ -23,12 +23,12 @@ from datetime import datetime
 from pathlib import Path
 
 from membuilder._core import InvalidArgumentError
+from membuilder.errors import DatasetError
 from membuilder.eval.datasets._dates import require_date
 from membuilder.eval.datasets._io import Fields, read_json
 from membuilder.eval.datasets._types import (
     Conversation,
     Dataset,
-    DatasetError,
     Question,
     Session,
     Turn,

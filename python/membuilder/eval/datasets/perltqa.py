@@ -35,12 +35,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from membuilder.errors import DatasetError
 from membuilder.eval.datasets._dates import parse_loose_date, require_date
 from membuilder.eval.datasets._io import Fields, read_json
 from membuilder.eval.datasets._types import (
     Conversation,
     Dataset,
-    DatasetError,
     Question,
     Session,
     Turn,
