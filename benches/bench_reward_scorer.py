@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from membuilder import MemoryState, Provenance, RewardKernel, parse_actions, parse_actions_batch
+from membuilder import AGENTS, MemoryState, Provenance, RewardKernel, parse_actions, parse_actions_batch
 from membuilder.answer import build_answer_messages
 from membuilder.embed import make_embedder
 from membuilder.judge import build_judge_messages, parse_judge_label
@@ -62,7 +62,6 @@ CONCURRENCY = 64
 BASELINE_CONCURRENCY = 4
 EMBEDDER = os.environ.get("BENCH_EMBEDDER", "hash:64")
 MEMORY_TEXTS = os.environ.get("BENCH_MEMORY_TEXTS", "short")  # "short" | "realistic"
-AGENTS = ("core", "episodic", "semantic", "procedural")
 UNKNOWN = "I do not know."
 
 
