@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from membuilder._core import BANK_KINDS, InvalidArgumentError, MemoryState
+from membuilder._files import atomic_write_bytes
 from membuilder.agents import MemoryBuilder, RawTurnBuilder, SessionResult
 from membuilder.answer import Answerer, AnswerResult
 
@@ -303,12 +304,7 @@ class MemorySystem:
             "sessions_added": self.sessions_added,
         }
         sidecar = Path(str(path) + SIDECAR_SUFFIX)
-        tmp = sidecar.with_name(sidecar.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, sidecar)
+        atomic_write_bytes(sidecar, json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
 
     @classmethod
     def load(

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from membuilder._core import MembuilderError
-from membuilder.data._io import atomic_write_bytes
+from membuilder._files import atomic_write_bytes
 from membuilder.data.schemas import (
     AGENT_ORDER,
     SFT_VERSION,

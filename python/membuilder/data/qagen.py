@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from membuilder._core import BANK_KINDS, MembuilderError
+from membuilder._files import atomic_write_bytes
 from membuilder._text import TooDeep, clean_json, loads_shallow
 from membuilder.data._common import add_endpoint_arguments, make_llm, resolve_cache_dir, setup_logging
-from membuilder.data._io import append_run_log, atomic_write_bytes
+from membuilder.data._io import append_run_log
 from membuilder.data.schemas import (
     QA_TYPES,
     QA_VERSION,

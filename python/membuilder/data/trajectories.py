@@ -51,7 +51,8 @@ from typing import Any
 import msgspec
 
 from membuilder._core import AGENTS, MembuilderError, MemoryState
-from membuilder._lock import DirectoryLock, remove_stale_temp_files
+from membuilder._files import atomic_write_bytes, fsync_dir, remove_stale_temp_files, sha256_file
+from membuilder._lock import DirectoryLock
 from membuilder._redact import redact_text
 from membuilder.data._common import (
     add_endpoint_arguments,
@@ -60,14 +61,7 @@ from membuilder.data._common import (
     resolve_cache_dir,
     setup_logging,
 )
-from membuilder.data._io import (
-    append_run_log,
-    atomic_write_bytes,
-    check_id,
-    fsync_dir,
-    sha256_file,
-    store_state,
-)
+from membuilder.data._io import append_run_log, check_id, store_state
 from membuilder.data.schemas import (
     TRAJECTORY_VERSION,
     AgentCallRecord,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from membuilder._core import InvalidArgumentError, MemoryState
-from membuilder.eval._files import read_jsonl, write_json_atomic  # noqa: F401  (re-exported for callers)
+from membuilder._files import read_jsonl, write_json_atomic  # noqa: F401  (re-exported for callers)
 
 PROGRESS_VERSION = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")

@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``summary.json`` and the result records of an eval output directory."""
-    from membuilder.eval._files import read_jsonl
+    from membuilder._files import read_jsonl
 
     summary_path = path / "summary.json"
     if not summary_path.is_file():

@@ -221,7 +221,7 @@ def markdown(result: Mapping[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from membuilder._core import InvalidArgumentError
-    from membuilder.eval._files import write_json_atomic
+    from membuilder._files import write_json_atomic
     from membuilder.eval.audit import default_audit_path
     from membuilder.eval.datasets import DatasetError
     from membuilder.eval.judging import RoundsJudge, judge_prompt_version

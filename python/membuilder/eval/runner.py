@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 
 from membuilder._core import InvalidArgumentError, MembuilderError, MemoryState
-from membuilder._lock import DirectoryLock, remove_stale_temp_files
+from membuilder._files import JsonlAppender, read_jsonl, remove_stale_temp_files, write_json_atomic
+from membuilder._lock import DirectoryLock
 from membuilder._redact import install_log_redaction, redact_text, redact_url
 from membuilder.eval import protocol_setup
-from membuilder.eval._files import JsonlAppender, read_jsonl, write_json_atomic
 from membuilder.eval.checkpoint import ANSWER_KEYS, BUILD_KEYS, MemoryStore
 from membuilder.eval.datasets import (
     DATASETS,
