@@ -40,7 +40,7 @@ from typing import Any
 from membuilder._core import BANK_KINDS, MembuilderError
 from membuilder._files import atomic_write_bytes
 from membuilder._text import TooDeep, clean_json, loads_shallow
-from membuilder.data._common import add_endpoint_arguments, make_llm, resolve_cache_dir, setup_logging
+from membuilder.data._common import add_model_arguments, make_llm, resolve_cache_dir, setup_logging
 from membuilder.data._io import append_run_log
 from membuilder.data.schemas import (
     QA_TYPES,
@@ -565,7 +565,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-session", type=int, default=None, help="questions per session (default: the protocol's, 5)"
     )
-    add_endpoint_arguments(
+    add_model_arguments(
         parser,
         model_flag="--model",
         model_help="the model that writes the questions (default: the protocol's, claude-opus-4-5)",

@@ -55,7 +55,7 @@ from membuilder._files import atomic_write_bytes, fsync_dir, remove_stale_temp_f
 from membuilder._lock import DirectoryLock
 from membuilder._redact import redact_text
 from membuilder.data._common import (
-    add_endpoint_arguments,
+    add_model_arguments,
     make_embedder,
     make_llm,
     resolve_cache_dir,
@@ -684,7 +684,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="where to record (required unless --dry-run)"
     )
-    add_endpoint_arguments(
+    add_model_arguments(
         parser,
         model_flag="--expert-model",
         model_help="the expert model that builds memory (default: the protocol's, claude-sonnet-4-5)",
