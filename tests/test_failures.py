@@ -29,8 +29,8 @@ from membuilder._text import clean_text, json_depth, loads_shallow
 from membuilder.cli import main as cli_main
 from membuilder.data.schemas import AGENT_ORDER
 from membuilder.data.trajectories import iter_conversations, read_meta
+from membuilder.datasets import DatasetError, load_dataset
 from membuilder.errors import DirectoryBusyError, os_error_line
-from membuilder.eval.datasets import DatasetError, load_dataset
 from membuilder.judge import build_judge_messages, parse_judge_label
 from membuilder.testing import ScriptedOpenAIServer
 from membuilder.testing.responders import MemoryResponder

@@ -752,7 +752,7 @@ def _data_path(args: argparse.Namespace, protocol: Protocol | None = None) -> Pa
 
 
 def _selected_ids(args: argparse.Namespace) -> list[str] | None:
-    from membuilder.eval.datasets import read_id_list
+    from membuilder.datasets import read_id_list
 
     ids: list[str] | None = None
     if args.conv_id:
@@ -771,7 +771,7 @@ def load_selection(args: argparse.Namespace, path: Path | None = None) -> tuple[
     """The conversations selected by the CLI arguments (sessions cut to ``--sessions``) and the
     ids the split or selection asked for that the file lacks (the LongMemEval ``s`` copy lacks
     two), by name."""
-    from membuilder.eval.datasets import load_dataset
+    from membuilder.datasets import load_dataset
 
     path = path if path is not None else _data_path(args)
     ds = load_dataset(
@@ -809,15 +809,15 @@ def plan_run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     (four per session; format retries can multiply them up to ``--max-attempts``, and each core
     compression adds one), the selection's ids missing from the file, and for LongMemEval every
     split's ids that the file lacks. Calls no model."""
-    from membuilder.eval.datasets import load_dataset
-    from membuilder.eval.datasets.longmemeval import load_splits
+    from membuilder.datasets import load_dataset
+    from membuilder.datasets.longmemeval import load_splits
 
     gaps: dict[str, list[str]] = {}
     per_split: dict[str, dict[str, Any]] = {}
     if args.dataset == "longmemeval":
         # Read the file once for every split's ids, then select: the s file takes seconds to
         # parse, and the other splits' gaps are worth printing too.
-        from membuilder.eval.datasets.longmemeval import DEFAULT_SPLIT_FILE
+        from membuilder.datasets.longmemeval import DEFAULT_SPLIT_FILE
 
         sf = args.split_file if args.split_file is not None else path.parent / DEFAULT_SPLIT_FILE
         wanted = _selected_ids(args)

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from membuilder.datasets import Conversation
+from membuilder.datasets._io import read_json
+from membuilder.datasets.locomo import normalize_evidence
 from membuilder.errors import AuditError
-from membuilder.eval.datasets import Conversation
-from membuilder.eval.datasets._io import read_json
-from membuilder.eval.datasets.locomo import normalize_evidence
 
 __all__ = [
     "AMBIGUOUS",

@@ -93,9 +93,9 @@ def load_probe_items(
 ) -> dict[str, list[dict[str, Any]]]:
     """The items of each probe set: ``{question_id, question, gold, answer, category}``; the
     ``gold`` set answers every category 1-4 question with its own gold answer."""
+    from membuilder.datasets._io import read_json
+    from membuilder.datasets.locomo import CATEGORIES
     from membuilder.eval.audit import locate_question, locomo_question_id
-    from membuilder.eval.datasets._io import read_json
-    from membuilder.eval.datasets.locomo import CATEGORIES
 
     data = read_json(locomo_path)
     if not isinstance(data, list):
@@ -220,8 +220,8 @@ def markdown(result: Mapping[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from membuilder._core import InvalidArgumentError
     from membuilder._files import write_json_atomic
+    from membuilder.datasets import DatasetError
     from membuilder.eval.audit import default_audit_path
-    from membuilder.eval.datasets import DatasetError
     from membuilder.eval.judging import RoundsJudge, judge_prompt_version
     from membuilder.judge import Judge
     from membuilder.llm import LLMClient

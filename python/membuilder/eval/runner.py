@@ -47,10 +47,7 @@ from membuilder._core import InvalidArgumentError, MembuilderError, MemoryState
 from membuilder._files import JsonlAppender, read_jsonl, remove_stale_temp_files, write_json_atomic
 from membuilder._lock import DirectoryLock
 from membuilder._redact import install_log_redaction, redact_text, redact_url
-from membuilder.endpoint import PROVIDERS, Endpoint, add_endpoint_arguments
-from membuilder.eval import protocol_setup
-from membuilder.eval.checkpoint import ANSWER_KEYS, BUILD_KEYS, MemoryStore
-from membuilder.eval.datasets import (
+from membuilder.datasets import (
     DATASETS,
     SPLITS,
     Conversation,
@@ -60,7 +57,10 @@ from membuilder.eval.datasets import (
     load_dataset,
     read_id_list,
 )
-from membuilder.eval.datasets.locomo import apply_conventions as locomo_conventions
+from membuilder.datasets.locomo import apply_conventions as locomo_conventions
+from membuilder.endpoint import PROVIDERS, Endpoint, add_endpoint_arguments
+from membuilder.eval import protocol_setup
+from membuilder.eval.checkpoint import ANSWER_KEYS, BUILD_KEYS, MemoryStore
 from membuilder.eval.evidence import evidence_ranks, question_evidence
 from membuilder.eval.judging import RoundsJudge
 from membuilder.eval.reports import compute_metrics, markdown_report, write_chart
@@ -643,7 +643,7 @@ class Runner:
                     "to continue building it or choose another --db-path"
                 )
         elif run_file.exists():
-            from membuilder.eval.datasets import read_json
+            from membuilder.datasets import read_json
 
             recorded = read_json(run_file).get("settings", {})
             diffs = [
