@@ -719,7 +719,8 @@ class Runner:
             if cfg.needs_build and cfg.memory_dir.resolve() != cfg.output_dir.resolve():
                 locks.enter_context(DirectoryLock(cfg.memory_dir, "memory directory (--db-path)"))
             # Holding the locks, a temporary file here was left by a run that was killed
-            # between writing it and renaming it into place (write_json_atomic: ".<name>.tmp<pid>").
+            # between writing it and renaming it into place (".<name>.tmp-<pid>-<n>"; the pattern
+            # below is the ".<name>.tmp<pid>" of earlier versions' write_json_atomic).
             stale = remove_stale_temp_files(cfg.output_dir, also=(".*.tmp[0-9]*",))
             if cfg.needs_build:
                 stale += remove_stale_temp_files(cfg.memory_dir, also=(".*.tmp[0-9]*",))
