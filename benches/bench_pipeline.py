@@ -41,14 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from membuilder import MemoryState, Provenance, RewardKernel, parse_actions_batch
+from membuilder import AGENTS, MemoryState, Provenance, RewardKernel, parse_actions_batch
 from membuilder._core import commit_views, plan_views
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from reference import actions_ref, reward_ref
 
 ROLLOUTS = int(os.environ.get("BENCH_ROLLOUTS", "4096"))
-AGENTS = ("core", "episodic", "semantic", "procedural")
 BANK_OPS = {
     "episodic": ("ADD", "UPDATE", "MERGE"),
     "semantic": ("ADD", "UPDATE", "SKIP"),

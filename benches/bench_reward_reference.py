@@ -55,7 +55,6 @@ from membuilder.testing import ScriptedOpenAIServer
 from membuilder.training import RewardSample, RewardScorer, ScorerConfig
 
 DRIVER = Path(__file__).resolve().parent / "reference_reward_driver.py"
-KINDS = ("episodic", "semantic", "procedural")
 
 
 def cpu_model() -> str:

@@ -45,7 +45,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from membuilder import MemoryState, Provenance, RewardKernel, parse_actions, parse_actions_batch
+from membuilder import (
+    AGENTS,
+    BANK_KINDS,
+    MemoryState,
+    Provenance,
+    RewardKernel,
+    parse_actions,
+    parse_actions_batch,
+)
 from membuilder.answer import build_answer_messages
 from membuilder.embed import make_embedder
 from membuilder.judge import build_judge_messages, parse_judge_label
@@ -62,7 +70,6 @@ CONCURRENCY = 64
 BASELINE_CONCURRENCY = 4
 EMBEDDER = os.environ.get("BENCH_EMBEDDER", "hash:64")
 MEMORY_TEXTS = os.environ.get("BENCH_MEMORY_TEXTS", "short")  # "short" | "realistic"
-AGENTS = ("core", "episodic", "semantic", "procedural")
 UNKNOWN = "I do not know."
 
 
@@ -101,7 +108,7 @@ def build_batch(
     for s in range(SESSIONS):
         state = MemoryState(emb.dim)
         state.set_core(f"The user of conversation {s}.")
-        for kind in ("episodic", "semantic", "procedural"):
+        for kind in BANK_KINDS:
             texts_ = [f"{kind} background note {j} of conversation {s}" for j in range(10)]
             texts_ = [_realistic("", filler()) for _ in texts_] if realistic else texts_
             vecs = emb.embed_passages([kind_tagged(kind, t) for t in texts_])

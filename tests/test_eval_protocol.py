@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from membuilder._files import read_jsonl
 from membuilder.eval import runner
-from membuilder.eval._files import read_jsonl
 from membuilder.testing import ScriptedOpenAIServer
 from membuilder.testing.responders import MemoryResponder
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from membuilder import InvalidArgumentError, MemoryState, Provenance
 from membuilder.cli import main as cli_main
+from membuilder.datasets import Conversation, Question, Session, Turn
 from membuilder.eval.checkpoint import BUILD_KEYS, MemoryStore, safe_name
-from membuilder.eval.datasets import Conversation, Question, Session, Turn
 from membuilder.eval.evidence import evidence_ranks, question_evidence, recall_at, recall_table
 from membuilder.eval.reports import compute_metrics, markdown_report, write_chart
 from membuilder.eval.stats import proportion

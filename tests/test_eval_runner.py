@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from membuilder._files import JsonlAppender, read_jsonl, write_json_atomic
 from membuilder.eval import runner
-from membuilder.eval._files import JsonlAppender, read_jsonl, write_json_atomic
 from membuilder.testing import ScriptedOpenAIServer
 from membuilder.testing.responders import MemoryResponder
 

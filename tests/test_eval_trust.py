@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from membuilder._files import read_jsonl
 from membuilder.cli import main as cli_main
-from membuilder.eval._files import read_jsonl
+from membuilder.datasets import load_dataset
 from membuilder.eval.audit import AuditError, join_audit
-from membuilder.eval.datasets import load_dataset
 from membuilder.eval.stats import mcnemar, paired_bootstrap, proportion, wilson
 from membuilder.judge import build_judge_messages
 from membuilder.testing import ScriptedOpenAIServer

@@ -22,15 +22,15 @@ from typing import Any
 
 import pytest
 from membuilder import MemoryConfig, MemoryState, MemorySystem, StateFileError
-from membuilder._errors import os_error_line
-from membuilder._lock import DirectoryBusyError, DirectoryLock
+from membuilder._files import read_jsonl
+from membuilder._lock import DirectoryLock
 from membuilder._redact import redact_text, redact_url
 from membuilder._text import clean_text, json_depth, loads_shallow
 from membuilder.cli import main as cli_main
 from membuilder.data.schemas import AGENT_ORDER
 from membuilder.data.trajectories import iter_conversations, read_meta
-from membuilder.eval._files import read_jsonl
-from membuilder.eval.datasets import DatasetError, load_dataset
+from membuilder.datasets import DatasetError, load_dataset
+from membuilder.errors import DirectoryBusyError, os_error_line
 from membuilder.judge import build_judge_messages, parse_judge_label
 from membuilder.testing import ScriptedOpenAIServer
 from membuilder.testing.responders import MemoryResponder

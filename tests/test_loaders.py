@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from membuilder import InvalidArgumentError
-from membuilder.eval.datasets import (
+from membuilder.datasets import (
     NOT_MENTIONED,
     DatasetError,
     load_dataset,
@@ -20,8 +20,8 @@ from membuilder.eval.datasets import (
     load_splits,
     read_id_list,
 )
-from membuilder.eval.datasets.locomo import normalize_evidence, parse_locomo_datetime
-from membuilder.eval.datasets.longmemeval import parse_longmemeval_date
+from membuilder.datasets.locomo import normalize_evidence, parse_locomo_datetime
+from membuilder.datasets.longmemeval import parse_longmemeval_date
 
 FIXTURES = Path(__file__).parent / "fixtures" / "perltqa"
 

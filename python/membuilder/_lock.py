@@ -16,13 +16,9 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
-from membuilder._core import InvalidArgumentError
+from membuilder.errors import DirectoryBusyError
 
 LOCK_FILE = ".membuilder.lock"
-
-
-class DirectoryBusyError(InvalidArgumentError):
-    """Another process holds the directory's lock."""
 
 
 class DirectoryLock:
@@ -83,47 +79,3 @@ class DirectoryLock:
         self, tp: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
-
-
-def remove_stale_temp_files(directory: str | Path, also: tuple[str, ...] = ()) -> list[Path]:
-    """Delete temporary state files (``.<name>.tmp-<pid>-<n>``, written by the core before the
-    rename that publishes a state) whose writer is no longer running; returns what was removed.
-
-    A kill or a full disk between the write and the rename leaves one behind. Called by a run that
-    holds the directory's lock, so no live writer of this directory can own one either way; the
-    pid check is a second guard for directories shared without the lock. ``also``: glob patterns
-    of other temporary files (without a pid in their names) that the caller, holding the lock,
-    knows to be stale.
-    """
-    directory = Path(directory)
-    removed: list[Path] = []
-    if not directory.is_dir():
-        return removed
-    for p in directory.glob(".*.tmp-*"):
-        pid_text = p.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if pid_text.isdigit() and (int(pid_text) == os.getpid() or _alive(int(pid_text))):
-            continue
-        try:
-            p.unlink()
-            removed.append(p)
-        except OSError:
-            pass
-    for pattern in also:
-        for p in directory.glob(pattern):
-            if p.is_file() and p.name != LOCK_FILE:
-                try:
-                    p.unlink()
-                    removed.append(p)
-                except OSError:
-                    pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from membuilder._core import MembuilderError
+from membuilder.errors import PromptTemplateError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -136,10 +136,6 @@ def _fill(text: str, braces: int, values: Mapping[str, Any]) -> str:
         return m.group(0)[0]  # "{{" -> "{", "}}" -> "}"
 
     return _TOKENS1.sub(one, text)
-
-
-class PromptTemplateError(MembuilderError, ValueError):
-    """A template file that cannot be used; the message is one line and names the file."""
 
 
 def _sha256(data: bytes) -> str:

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from membuilder._core import BANK_KINDS, InvalidArgumentError, MemoryState
+from membuilder._files import atomic_write_bytes
 from membuilder.agents import MemoryBuilder, RawTurnBuilder, SessionResult
 from membuilder.answer import Answerer, AnswerResult
+from membuilder.endpoint import Endpoint
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -54,7 +56,8 @@ class MemoryConfig:
     ``"history"`` (UPDATE/MERGE keep the old entries) or ``"replace"``; ``max_attempts``: calls per
     agent when outputs fail the format gate; ``core_limit``: the core block's limit in characters;
     ``conversation_id``: recorded in every memory's provenance; ``cache_dir``: response and
-    embedding cache (``None``: no cache).
+    embedding cache (``None``: no cache); ``timeout``: seconds per model call attempt (``None``: the
+    client's default, 120).
     """
 
     model: str | None = None
@@ -71,6 +74,7 @@ class MemoryConfig:
     temperature: float = 0.0
     conversation_id: str = "default"
     cache_dir: str | None = None
+    timeout: float | None = None
 
     def validate(self) -> None:
         """Raise InvalidArgumentError naming the first unusable field."""
@@ -87,6 +91,8 @@ class MemoryConfig:
             raise InvalidArgumentError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.core_limit <= 0:
             raise InvalidArgumentError(f"core_limit must be positive, got {self.core_limit}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise InvalidArgumentError(f"timeout must be > 0 seconds, got {self.timeout}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,12 +107,10 @@ class MemoryConfig:
         return cfg
 
 
-def _embed_endpoint(config: MemoryConfig, api_key: str | None) -> dict[str, Any]:
-    """Endpoint arguments of a remote embedder: the configured ``base_url`` (and key), so that
-    embeddings go where the models go, never silently to the public API."""
-    if not str(config.embedder).strip().lower().startswith("openai"):
-        return {}
-    return {"base_url": config.base_url, "api_key": api_key}
+def _endpoint(config: MemoryConfig, api_key: str | None) -> Endpoint:
+    """The endpoint of the models (and of a remote embedder: embeddings go where the models go,
+    never silently to the public API; the rules are :mod:`membuilder.endpoint`'s)."""
+    return Endpoint(config.provider, config.base_url, api_key, timeout=config.timeout)
 
 
 class MemorySystem:
@@ -136,12 +140,8 @@ class MemorySystem:
         self._owns_llm = False
         self._api_key = api_key
         if embedder is None:
-            from membuilder.embed import make_embedder
-
-            embedder = make_embedder(
-                self.config.embedder,
-                cache_dir=self._cache_path("embeddings"),
-                **_embed_endpoint(self.config, api_key),
+            embedder = _endpoint(self.config, api_key).make_embedder(
+                self.config.embedder, cache_dir=self._cache_path("embeddings")
             )
         self.embedder = embedder
         if state is None:
@@ -166,15 +166,8 @@ class MemorySystem:
     def llm(self) -> Any:
         """The LLM client, created from the config and the environment on first use."""
         if self._llm is None:
-            from membuilder.llm import LLMClient, LLMConfig
-
-            cfg = LLMConfig.from_env_and_args(
-                self.config.provider, self.config.base_url, self._api_key, self.config.model
-            )
-            cache = self._cache_path("llm")
-            if cache is not None:
-                cfg = dataclasses.replace(cfg, cache_dir=cache)
-            self._llm = LLMClient(cfg)
+            endpoint = _endpoint(self.config, self._api_key)
+            self._llm = endpoint.make_llm(self.config.model, cache_dir=self._cache_path("llm"))
             self._owns_llm = True
         return self._llm
 
@@ -303,12 +296,7 @@ class MemorySystem:
             "sessions_added": self.sessions_added,
         }
         sidecar = Path(str(path) + SIDECAR_SUFFIX)
-        tmp = sidecar.with_name(sidecar.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, sidecar)
+        atomic_write_bytes(sidecar, json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
 
     @classmethod
     def load(
@@ -349,10 +337,8 @@ class MemorySystem:
         if not isinstance(sessions_added, int) or isinstance(sessions_added, bool) or sessions_added < 0:
             raise InvalidArgumentError(f"{sidecar}: 'sessions_added' must be a count, got {sessions_added!r}")
         if embedder is None:
-            from membuilder.embed import make_embedder
-
             cache = Path(config.cache_dir) / "embeddings" if config.cache_dir else None
-            embedder = make_embedder(config.embedder, cache_dir=cache, **_embed_endpoint(config, api_key))
+            embedder = _endpoint(config, api_key).make_embedder(config.embedder, cache_dir=cache)
         name = getattr(embedder, "name", None)
         if saved.get("name") is not None and name != saved.get("name"):
             raise InvalidArgumentError(

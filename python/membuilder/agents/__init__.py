@@ -6,6 +6,8 @@
 - :func:`compress_core` condenses an over-long core block.
 """
 
+# The agent and bank names are the core's, defined once there.
+from membuilder._core import AGENTS, BANK_KINDS
 from membuilder.agents.builder import (
     AgentCall,
     MemoryBuilder,
@@ -21,8 +23,6 @@ from membuilder.agents.compress import (
     truncate_at_sentence,
 )
 from membuilder.agents.prompts import (
-    AGENTS,
-    BANK_KINDS,
     DEFAULT_CORE_LIMIT,
     SYSTEM_PROMPTS,
     describe_date,

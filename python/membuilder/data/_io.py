@@ -1,8 +1,9 @@
-"""File helpers shared by the data tools: atomic writes and content-addressed state files."""
+"""File helpers of the data tools: content-addressed state files, conversation ids, the run log.
+
+The crash-safe primitives (atomic writes, fsync of a directory) are :mod:`membuilder._files`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -11,49 +12,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from membuilder._files import fsync_dir, sha256_file
 from membuilder.data.schemas import state_path
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-
-def fsync_dir(path: Path) -> None:
-    # A rename is durable only once the directory entry is; not every platform lets us open one.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file + fsync + rename: a crash leaves either the old
-    file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def store_state(state: Any, root: str | Path) -> str:

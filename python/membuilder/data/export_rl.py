@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from membuilder._core import MembuilderError
-from membuilder.data._io import atomic_write_bytes, sha256_file
+from membuilder._files import atomic_path, atomic_write_bytes, sha256_file
 from membuilder.data.qagen import read_qa, read_qa_manifest
 from membuilder.data.schemas import (
     AGENT_ORDER,
@@ -100,17 +100,11 @@ def _place_state(src: Path, dst: Path, digest: str) -> None:
         raise DataFormatError(
             f"{src}: content hash {actual} does not match its name; the file is damaged", src
         )
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
+    with atomic_path(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def export_rl(
@@ -241,14 +235,8 @@ def export_rl(
         {METADATA_KEY: json.dumps({"format": RL_FORMAT, "version": RL_VERSION}).encode()}
     )
     table = pa.Table.from_pylist(rows, schema=schema)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
+    with atomic_path(output) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     report = RLReport(
         output=output.name,
         rows=len(rows),
@@ -326,8 +314,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from membuilder._errors import os_error_line
     from membuilder._lock import DirectoryLock
+    from membuilder.errors import os_error_line
 
     try:
         if Path(args.output).is_dir():

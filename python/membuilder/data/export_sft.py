@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from membuilder._core import MembuilderError
-from membuilder.data._io import atomic_write_bytes
+from membuilder._files import atomic_write_bytes
 from membuilder.data.schemas import (
     AGENT_ORDER,
     SFT_VERSION,
@@ -295,8 +295,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from membuilder._errors import os_error_line
     from membuilder._lock import DirectoryLock
+    from membuilder.errors import os_error_line
 
     try:
         if Path(args.output).is_dir():

@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from membuilder._core import BANK_KINDS, MembuilderError
+from membuilder._files import atomic_write_bytes
 from membuilder._text import TooDeep, clean_json, loads_shallow
-from membuilder.data._common import add_endpoint_arguments, make_llm, resolve_cache_dir, setup_logging
-from membuilder.data._io import append_run_log, atomic_write_bytes
+from membuilder.data._common import add_model_arguments, make_llm, resolve_cache_dir, setup_logging
+from membuilder.data._io import append_run_log
 from membuilder.data.schemas import (
     QA_TYPES,
     QA_VERSION,
@@ -564,7 +565,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-session", type=int, default=None, help="questions per session (default: the protocol's, 5)"
     )
-    add_endpoint_arguments(
+    add_model_arguments(
         parser,
         model_flag="--model",
         model_help="the model that writes the questions (default: the protocol's, claude-opus-4-5)",
@@ -622,9 +623,9 @@ def resolve_protocol(args: argparse.Namespace) -> Protocol:
 
 
 def run(args: argparse.Namespace) -> int:
-    from membuilder._errors import os_error_line
     from membuilder._lock import DirectoryLock
     from membuilder.data.trajectories import read_manifest
+    from membuilder.errors import os_error_line
     from membuilder.prompt_templates import load_prompt_templates, use_templates
 
     setup_logging(getattr(args, "verbose", False))

@@ -56,7 +56,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from membuilder._core import MembuilderError
+from membuilder._core import AGENTS
+from membuilder.errors import DataFormatError
 
 __all__ = [
     "AGENT_ORDER",
@@ -90,7 +91,8 @@ __all__ = [
     "state_path",
 ]
 
-AGENT_ORDER: tuple[str, str, str, str] = ("core", "episodic", "semantic", "procedural")
+#: The order the four agents run in: the core's ``AGENTS`` (the name stays for data-file readers).
+AGENT_ORDER = AGENTS
 
 #: Kinds of synthetic question (see :mod:`membuilder.data.qagen`).
 QA_TYPES: tuple[str, ...] = ("single-session", "multi-session", "temporal-reasoning", "knowledge-update")
@@ -101,15 +103,7 @@ QA_VERSION = 1
 SFT_VERSION = 1
 RL_VERSION = 1
 
-Agent = Literal["core", "episodic", "semantic", "procedural"]
-
-
-class DataFormatError(MembuilderError, ValueError):
-    """A data file is malformed or of another format version. ``path`` names the file."""
-
-    def __init__(self, message: str, path: str | Path | None = None) -> None:
-        super().__init__(message)
-        self.path = None if path is None else str(path)
+Agent = Literal[AGENTS]  # msgspec checks each agent name against the core's tuple
 
 
 # ---------------------------------------------------------------------------------------------

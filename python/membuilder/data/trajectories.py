@@ -51,23 +51,17 @@ from typing import Any
 import msgspec
 
 from membuilder._core import AGENTS, MembuilderError, MemoryState
-from membuilder._lock import DirectoryLock, remove_stale_temp_files
+from membuilder._files import atomic_write_bytes, fsync_dir, remove_stale_temp_files, sha256_file
+from membuilder._lock import DirectoryLock
 from membuilder._redact import redact_text
 from membuilder.data._common import (
-    add_endpoint_arguments,
+    add_model_arguments,
     make_embedder,
     make_llm,
     resolve_cache_dir,
     setup_logging,
 )
-from membuilder.data._io import (
-    append_run_log,
-    atomic_write_bytes,
-    check_id,
-    fsync_dir,
-    sha256_file,
-    store_state,
-)
+from membuilder.data._io import append_run_log, check_id, store_state
 from membuilder.data.schemas import (
     TRAJECTORY_VERSION,
     AgentCallRecord,
@@ -83,6 +77,7 @@ from membuilder.data.schemas import (
     encode_json,
     state_path,
 )
+from membuilder.errors import TrajectoryError
 from membuilder.prompt_templates import use_templates
 from membuilder.protocol import (
     DEFAULT_PROTOCOL,
@@ -99,10 +94,6 @@ CALLS_FILE = "agent_calls.jsonl"
 META_FILE = "metadata.json"
 QA_FILE = "qa.jsonl"
 MANIFEST_FILE = "manifest.json"
-
-
-class TrajectoryError(MembuilderError, RuntimeError):
-    """A conversation could not be recorded (endpoint failure, conflicting output directory...)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,7 +684,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="where to record (required unless --dry-run)"
     )
-    add_endpoint_arguments(
+    add_model_arguments(
         parser,
         model_flag="--expert-model",
         model_help="the expert model that builds memory (default: the protocol's, claude-sonnet-4-5)",
@@ -761,7 +752,7 @@ def _data_path(args: argparse.Namespace, protocol: Protocol | None = None) -> Pa
 
 
 def _selected_ids(args: argparse.Namespace) -> list[str] | None:
-    from membuilder.eval.datasets import read_id_list
+    from membuilder.datasets import read_id_list
 
     ids: list[str] | None = None
     if args.conv_id:
@@ -780,7 +771,7 @@ def load_selection(args: argparse.Namespace, path: Path | None = None) -> tuple[
     """The conversations selected by the CLI arguments (sessions cut to ``--sessions``) and the
     ids the split or selection asked for that the file lacks (the LongMemEval ``s`` copy lacks
     two), by name."""
-    from membuilder.eval.datasets import load_dataset
+    from membuilder.datasets import load_dataset
 
     path = path if path is not None else _data_path(args)
     ds = load_dataset(
@@ -818,15 +809,15 @@ def plan_run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     (four per session; format retries can multiply them up to ``--max-attempts``, and each core
     compression adds one), the selection's ids missing from the file, and for LongMemEval every
     split's ids that the file lacks. Calls no model."""
-    from membuilder.eval.datasets import load_dataset
-    from membuilder.eval.datasets.longmemeval import load_splits
+    from membuilder.datasets import load_dataset
+    from membuilder.datasets.longmemeval import load_splits
 
     gaps: dict[str, list[str]] = {}
     per_split: dict[str, dict[str, Any]] = {}
     if args.dataset == "longmemeval":
         # Read the file once for every split's ids, then select: the s file takes seconds to
         # parse, and the other splits' gaps are worth printing too.
-        from membuilder.eval.datasets.longmemeval import DEFAULT_SPLIT_FILE
+        from membuilder.datasets.longmemeval import DEFAULT_SPLIT_FILE
 
         sf = args.split_file if args.split_file is not None else path.parent / DEFAULT_SPLIT_FILE
         wanted = _selected_ids(args)
@@ -945,7 +936,7 @@ async def close_embedder(embedder: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from membuilder._errors import os_error_line
+    from membuilder.errors import os_error_line
     from membuilder.prompt_templates import load_prompt_templates, templates_record
 
     setup_logging(getattr(args, "verbose", False))

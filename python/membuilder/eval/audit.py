@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from membuilder.eval.datasets import Conversation, DatasetError
-from membuilder.eval.datasets._io import read_json
-from membuilder.eval.datasets.locomo import normalize_evidence
+from membuilder.datasets import Conversation
+from membuilder.datasets._io import read_json
+from membuilder.datasets.locomo import normalize_evidence
+from membuilder.errors import AuditError
 
 __all__ = [
     "AMBIGUOUS",
@@ -56,10 +57,6 @@ AMBIGUOUS = "AMBIGUOUS"
 GOLD_CHOICES = ("original", "audited", "both")
 
 _AUDIT_ID = re.compile(r"^locomo_(\d+)_qa(\d+)$")
-
-
-class AuditError(DatasetError):
-    """The audit file is unreadable or does not match the dataset (names the file and entry)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from membuilder._core import InvalidArgumentError, MemoryState
-from membuilder.eval._files import read_jsonl, write_json_atomic  # noqa: F401  (re-exported for callers)
+from membuilder._files import read_jsonl, write_json_atomic  # noqa: F401  (re-exported for callers)
 
 PROGRESS_VERSION = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -66,7 +66,7 @@ class MemoryStore:
     def failure(self, conversation_id: str) -> dict[str, Any] | None:
         """What :meth:`mark_failed` recorded, or ``None`` (also for an unreadable record: the
         progress file, not this note, decides what is built)."""
-        from membuilder.eval.datasets import DatasetError, read_json
+        from membuilder.datasets import DatasetError, read_json
 
         path = self.failed_path(conversation_id)
         if not path.exists():
@@ -82,7 +82,7 @@ class MemoryStore:
 
     def progress(self, conversation_id: str) -> dict[str, Any] | None:
         """The progress record, or ``None`` when this conversation was never checkpointed."""
-        from membuilder.eval.datasets import read_json
+        from membuilder.datasets import read_json
 
         path = self.progress_path(conversation_id)
         if not path.exists():

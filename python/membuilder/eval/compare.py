@@ -21,14 +21,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from membuilder.errors import CompareError
 from membuilder.eval.stats import mcnemar, paired_bootstrap, proportion
 from membuilder.protocol import measurement_difference, protocol_difference
 
 __all__ = ["CompareError", "add_arguments", "compare_runs", "load_run", "markdown", "run"]
-
-
-class CompareError(ValueError):
-    """Runs that cannot be compared (the message is the one line shown to the user)."""
 
 
 def _positive(text: str) -> int:
@@ -75,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``summary.json`` and the result records of an eval output directory."""
-    from membuilder.eval._files import read_jsonl
+    from membuilder._files import read_jsonl
 
     summary_path = path / "summary.json"
     if not summary_path.is_file():

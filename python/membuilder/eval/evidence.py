@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from membuilder.eval.datasets import Conversation, Question
+from membuilder.datasets import Conversation, Question
 from membuilder.eval.stats import proportion
 
 LEVELS = ("turn", "session")

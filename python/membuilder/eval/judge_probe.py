@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from membuilder.endpoint import add_endpoint_arguments, endpoint_from_args
+from membuilder.errors import ProbeError
 from membuilder.eval.stats import proportion
 from membuilder.judge import JUDGE_STYLES
 from membuilder.protocol import add_protocol_argument, get_protocol
@@ -39,7 +41,6 @@ PROBE_SETS: dict[str, tuple[str | None, str]] = {
     "vague_wrong": ("judge_probe_vague_wrong.json", "false accept"),
     "gold": (None, "true accept"),
 }
-PROVIDERS = ("openai", "vllm", "compatible")
 
 
 def _positive(text: str) -> int:
@@ -66,9 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=JUDGE_STYLES,
         help="judge wording (default: the protocol's: generous for paper, strict for membuilder)",
     )
-    p.add_argument("--provider", choices=PROVIDERS, default="openai", help="openai | vllm | compatible")
-    p.add_argument("--base-url", help="endpoint, e.g. http://localhost:8000/v1")
-    p.add_argument("--api-key", help="API key (default: OPENAI_API_KEY); never written anywhere")
+    add_endpoint_arguments(p)
     p.add_argument(
         "--judge-rounds", type=_positive, default=1, metavar="K", help="majority of K rounds per item"
     )
@@ -85,10 +84,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-requests", type=_positive, default=16, help="requests in flight")
 
 
-class ProbeError(ValueError):
-    """Bad probe input (one line, naming the file)."""
-
-
 def load_probe_items(
     audit_dir: Path,
     locomo_path: Path,
@@ -98,9 +93,9 @@ def load_probe_items(
 ) -> dict[str, list[dict[str, Any]]]:
     """The items of each probe set: ``{question_id, question, gold, answer, category}``; the
     ``gold`` set answers every category 1-4 question with its own gold answer."""
+    from membuilder.datasets._io import read_json
+    from membuilder.datasets.locomo import CATEGORIES
     from membuilder.eval.audit import locate_question, locomo_question_id
-    from membuilder.eval.datasets._io import read_json
-    from membuilder.eval.datasets.locomo import CATEGORIES
 
     data = read_json(locomo_path)
     if not isinstance(data, list):
@@ -224,12 +219,12 @@ def markdown(result: Mapping[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from membuilder._core import InvalidArgumentError
-    from membuilder.eval._files import write_json_atomic
+    from membuilder._files import write_json_atomic
+    from membuilder.datasets import DatasetError
     from membuilder.eval.audit import default_audit_path
-    from membuilder.eval.datasets import DatasetError
     from membuilder.eval.judging import RoundsJudge, judge_prompt_version
     from membuilder.judge import Judge
-    from membuilder.llm import LLMClient, LLMConfig
+    from membuilder.llm import LLMClient
 
     model = args.judge_model
     protocol = get_protocol(args.protocol).with_overrides(judge_style=args.judge_style)
@@ -243,13 +238,8 @@ def run(args: argparse.Namespace) -> int:
         if not any(items.values()):
             raise ProbeError("nothing to probe: the selection holds no item")
         cache = None if args.no_cache else (args.cache_dir or out / "llm_cache")
-        cfg = LLMConfig.from_env_and_args(
-            args.provider,
-            args.base_url,
-            args.api_key,
-            model,
-            cache_dir=cache,
-            max_concurrency=args.max_concurrent_requests,
+        cfg = endpoint_from_args(args, max_concurrency=args.max_concurrent_requests).llm_config(
+            model, cache_dir=cache
         )
     except (ProbeError, DatasetError, InvalidArgumentError) as e:
         print(f"membuilder judge-probe: error: {e}", file=sys.stderr)

@@ -44,12 +44,10 @@ from typing import Any
 import numpy as np
 
 from membuilder._core import InvalidArgumentError, MembuilderError, MemoryState
-from membuilder._lock import DirectoryLock, remove_stale_temp_files
+from membuilder._files import JsonlAppender, read_jsonl, remove_stale_temp_files, write_json_atomic
+from membuilder._lock import DirectoryLock
 from membuilder._redact import install_log_redaction, redact_text, redact_url
-from membuilder.eval import protocol_setup
-from membuilder.eval._files import JsonlAppender, read_jsonl, write_json_atomic
-from membuilder.eval.checkpoint import ANSWER_KEYS, BUILD_KEYS, MemoryStore
-from membuilder.eval.datasets import (
+from membuilder.datasets import (
     DATASETS,
     SPLITS,
     Conversation,
@@ -59,7 +57,10 @@ from membuilder.eval.datasets import (
     load_dataset,
     read_id_list,
 )
-from membuilder.eval.datasets.locomo import apply_conventions as locomo_conventions
+from membuilder.datasets.locomo import apply_conventions as locomo_conventions
+from membuilder.endpoint import PROVIDERS, Endpoint, add_endpoint_arguments
+from membuilder.eval import protocol_setup
+from membuilder.eval.checkpoint import ANSWER_KEYS, BUILD_KEYS, MemoryStore
 from membuilder.eval.evidence import evidence_ranks, question_evidence
 from membuilder.eval.judging import RoundsJudge
 from membuilder.eval.reports import compute_metrics, markdown_report, write_chart
@@ -83,7 +84,6 @@ log = logging.getLogger("membuilder.eval")
 
 MODES = ("build", "retrieval", "answer", "full")
 BUILDERS = ("llm", "raw")
-PROVIDERS = ("openai", "vllm", "compatible")
 RESULTS = "results.jsonl"
 BUILD_LOG = "build_log.jsonl"
 RUN_FILE = "run.json"
@@ -234,11 +234,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--answer-model", help="answer model (default: --model, else the protocol's gpt-4.1-mini)")
     g.add_argument("--judge-model", help="judge model (default: the protocol's, gpt-4.1)")
-    g.add_argument("--provider", choices=PROVIDERS, default="openai", help="openai | vllm | compatible")
-    g.add_argument("--base-url", help="endpoint, e.g. http://localhost:8000/v1 (vllm default)")
-    g.add_argument(
-        "--api-key", help="API key (default: OPENAI_API_KEY; 'EMPTY' for vllm); never written anywhere"
-    )
+    add_endpoint_arguments(g)
     g.add_argument(
         "--judge-provider",
         choices=PROVIDERS,
@@ -331,6 +327,7 @@ class EvalConfig:
     provider: str = "openai"
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
+    timeout: float | None = None
     judge_provider: str | None = None
     judge_base_url: str | None = None
     judge_api_key: str | None = field(default=None, repr=False)
@@ -401,6 +398,7 @@ class EvalConfig:
             provider=args.provider,
             base_url=args.base_url,
             api_key=args.api_key,
+            timeout=args.timeout,
             judge_provider=args.judge_provider,
             judge_base_url=args.judge_base_url,
             judge_api_key=args.judge_api_key,
@@ -645,7 +643,7 @@ class Runner:
                     "to continue building it or choose another --db-path"
                 )
         elif run_file.exists():
-            from membuilder.eval.datasets import read_json
+            from membuilder.datasets import read_json
 
             recorded = read_json(run_file).get("settings", {})
             diffs = [
@@ -662,8 +660,6 @@ class Runner:
         """The LLM client of ``role`` (build, answer, judge), created on first use."""
         if role in self.clients:
             return self.clients[role]
-        from membuilder.llm import LLMClient, LLMConfig
-
         cfg = self.cfg
         model = {"build": cfg.model, "answer": cfg.the_answer_model, "judge": cfg.the_judge_model}[role]
         provider, base_url, api_key = cfg.provider, cfg.base_url, cfg.api_key
@@ -677,16 +673,14 @@ class Runner:
         elif role == "judge":
             base_url = cfg.judge_base_url or base_url
             api_key = cfg.judge_api_key or api_key
-        llm_cfg = LLMConfig.from_env_and_args(
+        client = Endpoint(
             provider,
             base_url,
             api_key,
-            model,
-            cache_dir=cfg.llm_cache_dir,
+            timeout=cfg.timeout,
             max_concurrency=cfg.max_concurrent_requests,
             json_mode_fallback=cfg.protocol.json_mode_fallback,
-        )
-        client = LLMClient(llm_cfg)
+        ).make_llm(model, cache_dir=cfg.llm_cache_dir)
         self.clients[role] = client
         return client
 
@@ -694,7 +688,6 @@ class Runner:
 
     async def run(self) -> dict[str, Any]:
         """Run the configured stages and write the reports; returns the summary."""
-        from membuilder.embed import make_embedder
 
         started = time.perf_counter()
         started_at = _now()
@@ -707,17 +700,10 @@ class Runner:
         self.audit, self.audit_path, self.audit_note = load_joined_audit(
             cfg.gold, cfg.audit_file, cfg.data_path, cfg.dataset
         )
-        endpoint: dict[str, Any] = {}
-        if (
-            cfg.embedder.strip().lower().startswith("openai")
-            and cfg.provider != "vllm"
-            and not os.environ.get("OPENAI_EMBEDDINGS_BASE_URL")
-        ):
-            # Embeddings go where the user pointed the models, never silently to the public API;
-            # unless OPENAI_EMBEDDINGS_BASE_URL names their own endpoint, or the models are on a
-            # vLLM server, which serves no embeddings (the reference then embeds through the API).
-            endpoint = {"base_url": cfg.base_url, "api_key": cfg.api_key}
-        self.embedder = make_embedder(cfg.embedder, cache_dir=cfg.embed_cache_dir, **endpoint)
+        # Embeddings go where the models go (the rules: membuilder.endpoint).
+        self.embedder = Endpoint(cfg.provider, cfg.base_url, cfg.api_key).make_embedder(
+            cfg.embedder, cache_dir=cfg.embed_cache_dir
+        )
         locks = contextlib.ExitStack()
         try:
             # Create every client now: a missing key should fail before hours of building, not after.
@@ -733,7 +719,8 @@ class Runner:
             if cfg.needs_build and cfg.memory_dir.resolve() != cfg.output_dir.resolve():
                 locks.enter_context(DirectoryLock(cfg.memory_dir, "memory directory (--db-path)"))
             # Holding the locks, a temporary file here was left by a run that was killed
-            # between writing it and renaming it into place (write_json_atomic: ".<name>.tmp<pid>").
+            # between writing it and renaming it into place (".<name>.tmp-<pid>-<n>"; the pattern
+            # below is the ".<name>.tmp<pid>" of earlier versions' write_json_atomic).
             stale = remove_stale_temp_files(cfg.output_dir, also=(".*.tmp[0-9]*",))
             if cfg.needs_build:
                 stale += remove_stale_temp_files(cfg.memory_dir, also=(".*.tmp[0-9]*",))
@@ -1180,7 +1167,7 @@ def _session_log(conv_id: str, session_id: str, res: Any, entries: int) -> dict[
 def run(args: argparse.Namespace) -> int:
     """Run from parsed arguments; returns the exit status (0 ok, 1 some sessions or calls failed,
     2 bad input, 130 interrupted)."""
-    from membuilder._errors import os_error_line
+    from membuilder.errors import os_error_line
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

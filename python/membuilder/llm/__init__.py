@@ -10,6 +10,7 @@ Public names:
 * :func:`strip_reasoning`, :func:`split_reasoning` — remove ``<think>`` blocks from model output.
 """
 
+from membuilder.errors import LLMError
 from membuilder.llm.cache import ResponseCache, cache_key
 from membuilder.llm.client import (
     CALL_HEADER,
@@ -19,7 +20,6 @@ from membuilder.llm.client import (
     LLMClient,
     LLMConfig,
 )
-from membuilder.llm.errors import LLMError
 from membuilder.llm.reasoning import split_reasoning, strip_reasoning
 from membuilder.llm.retry import RetryPolicy, call_with_retries, call_with_retries_sync, parse_retry_after
 from membuilder.llm.usage import KNOWN_PRICES, UsageTracker, lookup_price

@@ -19,10 +19,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from membuilder._files import atomic_write_bytes
 
 __all__ = ["CACHE_FORMAT", "ResponseCache", "cache_key"]
 
@@ -91,20 +92,8 @@ class ResponseCache:
         data = dict(record)
         data["key"] = key
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    json.dump(data, fh, ensure_ascii=False, separators=(",", ":"))
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+            atomic_write_bytes(path, text.encode("utf-8"))
         except (OSError, TypeError, ValueError) as exc:
             logger.warning("response cache: could not store %s (%s)", path, exc)
 

@@ -27,9 +27,10 @@ import openai
 
 from membuilder._core import InvalidArgumentError
 from membuilder._text import clean_text
+from membuilder.endpoint import PROVIDERS
+from membuilder.errors import LLMError
 from membuilder.llm._loops import PerLoop
 from membuilder.llm.cache import ResponseCache, cache_key
-from membuilder.llm.errors import LLMError
 from membuilder.llm.reasoning import split_reasoning
 from membuilder.llm.retry import (
     MalformedResponse,
@@ -48,9 +49,6 @@ __all__ = ["CALL_HEADER", "PROVIDERS", "VLLM_DEFAULT_BASE_URL", "ChatResult", "L
 CALL_HEADER = "X-Membuilder-Call"
 VLLM_DEFAULT_BASE_URL = "http://localhost:8000/v1"
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
-# "openai": api.openai.com or OPENAI_BASE_URL; "vllm": a local vLLM server; "compatible": any other
-# OpenAI-compatible server (base_url required, key optional).
-PROVIDERS = ("openai", "vllm", "compatible")
 # Statuses with which a server says it does not accept a request parameter such as response_format.
 _JSON_MODE_REFUSED = (400, 422)
 

@@ -267,7 +267,7 @@ class LocalLLM:
     ) -> ChatResult:
         """Generate one reply. ``model`` is ignored (there is one model). Raises LLMError when
         llama.cpp refuses the request (e.g. a prompt longer than the context)."""
-        from membuilder.llm.errors import LLMError
+        from membuilder.errors import LLMError
 
         body = chat_request(
             messages,

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from membuilder.llm.errors import LLMError
+from membuilder.errors import LLMError
 
 __all__ = [
     "Failure",

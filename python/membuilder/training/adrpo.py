@@ -33,14 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from membuilder.errors import MissingWeightError
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_KEY = "adrpo_weight"
 TRAINER_NAME = "adrpo_sync"
-
-
-class MissingWeightError(RuntimeError):
-    """A sample reached the ADRPO trainer without an ``adrpo_weight`` (the reward function is not ours)."""
 
 
 def weights_from_extra_fields(extra_fields: Iterable[Any], key: str = WEIGHT_KEY) -> np.ndarray:

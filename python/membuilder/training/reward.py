@@ -46,7 +46,8 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from membuilder.training.samples import AGENTS, GroundTruth, GroundTruthError, RewardSample, SampleReward
+from membuilder._core import AGENTS
+from membuilder.training.samples import GroundTruth, GroundTruthError, RewardSample, SampleReward
 from membuilder.training.scorer import RewardScorer, ScorerConfig
 
 logger = logging.getLogger(__name__)

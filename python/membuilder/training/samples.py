@@ -16,17 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from membuilder._core import AGENTS, BANK_KINDS
+from membuilder.errors import GroundTruthError
 from membuilder.protocol import PROTOCOLS
 
-AGENTS = ("core", "episodic", "semantic", "procedural")
 PAIRINGS = ("expert", "joint")
 #: ``protocol_id`` in the reward metrics: 0 = paper, 1 = membuilder (-1: none recorded).
 PROTOCOL_IDS = {name: float(i) for i, name in enumerate(PROTOCOLS)}
 RL_GROUND_TRUTH_VERSION = 1  # membuilder.data.schemas.RL_VERSION
-
-
-class GroundTruthError(ValueError):
-    """A sample's ground truth is missing a field or has the wrong shape (a data problem, not a model one)."""
 
 
 @dataclass(frozen=True)
@@ -191,7 +188,7 @@ class SampleReward:
 
     def to_verl(self) -> dict[str, float]:
         """The dict a verl reward function returns: ``score`` plus the same extra keys for every sample."""
-        kinds = ("episodic", "semantic", "procedural")
+        kinds = BANK_KINDS
         return {
             "score": float(self.reward),
             "adrpo_weight": float(self.weight),

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from membuilder.endpoint import Endpoint
 from membuilder.protocol import Protocol, SparseReward, get_protocol
 from membuilder.training.format_gate import FORMAT_GATES, strict_format_ok
 from membuilder.training.samples import AGENTS, PAIRINGS, GroundTruth, RewardSample, SampleReward
@@ -251,36 +252,33 @@ class RewardScorer:
 
     # -- lazily built collaborators ---------------------------------------------------------
 
+    def _endpoint(self) -> Endpoint:
+        # provider None: "compatible" with a base_url, else "openai" (Endpoint.resolved_provider).
+        c = self.config
+        return Endpoint(
+            c.provider,
+            c.base_url,
+            c.api_key,
+            timeout=c.timeout,
+            max_retries=c.max_retries,
+            max_concurrency=c.max_concurrency,
+        )
+
     @property
     def llm(self) -> Any:
         # Every judge mode needs the answer model; only "llm" also needs judge calls.
         if self._llm is None:
-            from membuilder.llm import LLMClient, LLMConfig
-
-            provider = self.config.provider or ("compatible" if self.config.base_url else "openai")
-            cfg = LLMConfig.from_env_and_args(
-                provider,
-                self.config.base_url,
-                self.config.api_key,
+            self._llm = self._endpoint().make_llm(
                 self.config.answer_model,
-                max_concurrency=self.config.max_concurrency,
-                max_retries=self.config.max_retries,
-                timeout=self.config.timeout,
                 cache_dir=Path(self.config.llm_cache_dir) if self.config.llm_cache_dir else None,
             )
-            self._llm = LLMClient(cfg)
         return self._llm
 
     @property
     def embedder(self) -> Any:
         if self._embedder is None:
-            from membuilder.embed import make_embedder
-
             cache = Path(self.config.embed_cache_dir) if self.config.embed_cache_dir else None
-            remote = {}
-            if self.config.embedder.startswith("openai"):
-                remote = {"base_url": self.config.base_url, "api_key": self.config.api_key}
-            self._embedder = make_embedder(self.config.embedder, cache_dir=cache, **remote)
+            self._embedder = self._endpoint().make_embedder(self.config.embedder, cache_dir=cache)
         return self._embedder
 
     def _count_tokens(self, text: str) -> float:

@@ -35,16 +35,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from membuilder.eval.datasets._dates import parse_loose_date, require_date
-from membuilder.eval.datasets._io import Fields, read_json
-from membuilder.eval.datasets._types import (
+from membuilder.datasets._dates import parse_loose_date, require_date
+from membuilder.datasets._io import Fields, read_json
+from membuilder.datasets._types import (
     Conversation,
     Dataset,
-    DatasetError,
     Question,
     Session,
     Turn,
 )
+from membuilder.errors import DatasetError
 
 #: Memory types, in the order the QA file lists them; they are the question categories.
 MEMORY_TYPES = ("profile", "social_relationship", "events", "dialogues")

@@ -14,20 +14,20 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from membuilder._core import InvalidArgumentError
-from membuilder.eval.datasets._io import read_json
-from membuilder.eval.datasets._types import (
+from membuilder.datasets._io import read_json
+from membuilder.datasets._types import (
     Conversation,
     Dataset,
-    DatasetError,
     Question,
     Session,
     Turn,
 )
-from membuilder.eval.datasets.locomo import CATEGORIES as LOCOMO_CATEGORIES
-from membuilder.eval.datasets.locomo import NOT_MENTIONED, load_locomo
-from membuilder.eval.datasets.longmemeval import SPLITS, load_longmemeval, load_splits
-from membuilder.eval.datasets.perltqa import MEMORY_TYPES as PERLTQA_CATEGORIES
-from membuilder.eval.datasets.perltqa import load_perltqa
+from membuilder.datasets.locomo import CATEGORIES as LOCOMO_CATEGORIES
+from membuilder.datasets.locomo import NOT_MENTIONED, load_locomo
+from membuilder.datasets.longmemeval import SPLITS, load_longmemeval, load_splits
+from membuilder.datasets.perltqa import MEMORY_TYPES as PERLTQA_CATEGORIES
+from membuilder.datasets.perltqa import load_perltqa
+from membuilder.errors import DatasetError
 
 DATASETS = ("locomo", "longmemeval", "perltqa")
 

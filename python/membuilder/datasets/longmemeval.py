@@ -23,16 +23,16 @@ from datetime import datetime
 from pathlib import Path
 
 from membuilder._core import InvalidArgumentError
-from membuilder.eval.datasets._dates import require_date
-from membuilder.eval.datasets._io import Fields, read_json
-from membuilder.eval.datasets._types import (
+from membuilder.datasets._dates import require_date
+from membuilder.datasets._io import Fields, read_json
+from membuilder.datasets._types import (
     Conversation,
     Dataset,
-    DatasetError,
     Question,
     Session,
     Turn,
 )
+from membuilder.errors import DatasetError
 
 SPLITS = ("sft", "rl", "test")
 #: Name of the split file looked for beside the data file when none is given.

@@ -11,25 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from membuilder._core import InvalidArgumentError, MembuilderError
-
-
-class DatasetError(MembuilderError, ValueError):
-    """A dataset file is missing or does not have the layout its loader expects.
-
-    ``path`` names the file, ``field`` the JSON location that was wrong (``None`` when the whole
-    file is unusable: missing, not JSON, truncated). The message says both and what was expected.
-    """
-
-    def __init__(self, path: str | Path, field: str | None, problem: str) -> None:
-        self.path = str(path)
-        self.field = field
-        self.problem = problem
-        where = f"{self.path}: field {field!r}" if field else self.path
-        super().__init__(f"{where}: {problem}")
+from membuilder._core import InvalidArgumentError
 
 
 @dataclass(frozen=True, slots=True)

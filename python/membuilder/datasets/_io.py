@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from membuilder.eval.datasets._types import DatasetError
+from membuilder.errors import DatasetError
 
 
 def read_json(path: str | Path) -> Any:

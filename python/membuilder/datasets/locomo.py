@@ -25,16 +25,16 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from membuilder.eval.datasets._dates import require_date
-from membuilder.eval.datasets._io import Fields, read_json
-from membuilder.eval.datasets._types import (
+from membuilder.datasets._dates import require_date
+from membuilder.datasets._io import Fields, read_json
+from membuilder.datasets._types import (
     Conversation,
     Dataset,
-    DatasetError,
     Question,
     Session,
     Turn,
 )
+from membuilder.errors import DatasetError
 
 #: LoCoMo's category numbers and the names used in reports.
 CATEGORIES: dict[int, str] = {

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from membuilder.eval.datasets._types import DatasetError
+from membuilder.errors import DatasetError
 
 #: Forms of PerLTQA's free-text event times ("March 3, 2022", "August 2022", "2022-03-03").
 _LOOSE_FORMATS = (
