@@ -32,9 +32,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::bank::Bank;
+use crate::config::StateConfig;
 use crate::kinds::BankKind;
+use crate::records::Provenance;
 use crate::retrieval::Graph;
-use crate::state::{MemoryState, Provenance, Snapshot, StateConfig};
+use crate::snapshot::Snapshot;
+use crate::state::MemoryState;
 
 pub const MAGIC: &[u8; 8] = b"MBSTATE\0";
 /// Bump on any change to the layout or the JSON schema.
@@ -419,7 +422,7 @@ impl MemoryState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::StateConfig;
+    use crate::store::Store;
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("mb-persist-{tag}-{}", std::process::id()));

@@ -12,9 +12,11 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use membuilder_core::kinds::{Action, BankKind};
 use membuilder_core::overlay::{self, StateView};
 use membuilder_core::persist::{self, PersistError};
-use membuilder_core::state::{
-    self, CommitReport, Entry, Hit, Layers, MemoryState, Plan, Provenance, StateConfig, StateError,
-    UpdateMode,
+use membuilder_core::search::search_layers;
+use membuilder_core::vectors::{check_vectors, prepare_vectors};
+use membuilder_core::{
+    CommitReport, Entry, Hit, Layers, MemoryState, Plan, Provenance, StateConfig, StateError,
+    Store, UpdateMode,
 };
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2};
@@ -487,27 +489,9 @@ fn hits_to_arrays(py: Python<'_>, hits: Vec<Vec<Hit>>, k: usize) -> PyResult<Bat
 // MemoryState and StateView
 // =============================================================================================
 
-/// What the shared Python methods need from the two core types (their inherent methods of the
-/// same names do the rest).
-trait Store: Send + Sync {
-    fn layers(&self) -> Layers<'_>;
-}
-
-impl Store for MemoryState {
-    fn layers(&self) -> Layers<'_> {
-        MemoryState::layers(self)
-    }
-}
-
-impl Store for StateView {
-    fn layers(&self) -> Layers<'_> {
-        StateView::layers(self)
-    }
-}
-
 /// Normalised copy of `rows` query rows (errors name the bad row).
 fn prepare_queries(py: Python<'_>, data: &[f32], rows: usize, dim: usize) -> PyResult<Vec<f32>> {
-    state::prepare_vectors(data, rows, dim, "query").map_err(|e| state_err(py, e))
+    prepare_vectors(data, rows, dim, "query").map_err(|e| state_err(py, e))
 }
 
 /// Per query: hits, and (for single searches) the hit entries as they were at search time.
@@ -993,7 +977,7 @@ fn commit_views(
     let results = detach(py, || {
         // Refuse everything up front (stale plan, bad vector) so that no view is half-committed.
         // Only check here: each view normalises its own rows when it commits (in parallel).
-        state::check_vectors(&data, total, dim, "commit_views").map_err(CommitFail::State)?;
+        check_vectors(&data, total, dim, "commit_views").map_err(CommitFail::State)?;
         // Views are distinct (checked above); lock them in address order (see `lock_slots`).
         let keys: Vec<usize> = locks
             .iter()
@@ -1134,7 +1118,7 @@ fn search_views<'py>(
             .enumerate()
             .map(|(qi, &vi)| (guards[view_slot[vi as usize]].layers(), qi))
             .collect();
-        state::search_layers(&items, &q, k, kind, false)
+        search_layers(&items, &q, k, kind, false)
     });
     hits_to_arrays(py, hits, k)
 }
