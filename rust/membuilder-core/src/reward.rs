@@ -5,9 +5,8 @@
 //! `[0, 1]`). Lengths are in tokens; both the policy's and the expert's length must be measured in
 //! the same unit (a real tokenizer's tokens, or [`approx_tokens`], characters / 4, on both sides).
 //!
-//! All functions here are pure; the batch versions run on rayon.
+//! All functions here are pure; the batch versions run in parallel through [`crate::par`].
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::kinds::{Agent, BankKind};
@@ -384,11 +383,9 @@ pub fn length_penalties(
     check_len("expert_tokens", expert_tokens.len(), n)?;
     check_tokens("policy_tokens", policy_tokens)?;
     check_tokens("expert_tokens", expert_tokens)?;
-    Ok((0..n)
-        .into_par_iter()
-        .with_min_len(MIN_PAR_LEN)
-        .map(|i| length_penalty(agents[i], policy_tokens[i], expert_tokens[i], cfg))
-        .collect())
+    Ok(crate::par::map_indices_min(n, MIN_PAR_LEN, |i| {
+        length_penalty(agents[i], policy_tokens[i], expert_tokens[i], cfg)
+    }))
 }
 
 /// Rewards, penalties and attribution weights of many samples.
@@ -427,19 +424,15 @@ pub fn score_batch(inp: &ScoreInputs<'_>, cfg: &RewardConfig) -> Result<BatchSco
             out
         }
     };
-    let triples: Vec<(f64, f64, f64)> = (0..n)
-        .into_par_iter()
-        .with_min_len(MIN_PAR_LEN)
-        .map(|i| {
-            let agent = inp.agents[i];
-            let pen = length_penalty(agent, inp.policy_tokens[i], inp.expert_tokens[i], cfg);
-            if inp.valid.is_some_and(|v| !v[i]) {
-                return (pen, 0.0, 0.0);
-            }
-            let reward = final_reward(inp.format_ok[i], inp.task[i], pen, cfg);
-            (pen, reward, attribution_weight(agent, dominant[i], cfg))
-        })
-        .collect();
+    let triples: Vec<(f64, f64, f64)> = crate::par::map_indices_min(n, MIN_PAR_LEN, |i| {
+        let agent = inp.agents[i];
+        let pen = length_penalty(agent, inp.policy_tokens[i], inp.expert_tokens[i], cfg);
+        if inp.valid.is_some_and(|v| !v[i]) {
+            return (pen, 0.0, 0.0);
+        }
+        let reward = final_reward(inp.format_ok[i], inp.task[i], pen, cfg);
+        (pen, reward, attribution_weight(agent, dominant[i], cfg))
+    });
     let mut out = BatchScores {
         length_penalty: Vec::with_capacity(n),
         reward: Vec::with_capacity(n),
