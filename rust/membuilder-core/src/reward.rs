@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::error::{BadKindCode, BatchError, ConfigError};
 use crate::kinds::{Agent, BankKind};
 
 // ---------------------------------------------------------------------------------------------
@@ -60,11 +61,6 @@ impl Default for RewardConfig {
         }
     }
 }
-
-/// A configuration value out of its range; the message names the field and the rule.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
 
 impl RewardConfig {
     /// The numeric fields, in declaration order.
@@ -276,11 +272,6 @@ pub fn final_reward(format_ok: bool, task: f64, penalty: f64, cfg: &RewardConfig
     task * (1.0 - cfg.length_lambda * penalty)
 }
 
-/// A kind code that is neither -1 (padding) nor 0..=2.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("kind code {0} is not one of -1 (padding), 0 episodic, 1 semantic, 2 procedural")]
-pub struct BadKindCode(pub i8);
-
 /// How many retrieved entries were episodic, semantic, procedural; -1 padding is ignored.
 pub fn retrieval_counts(kinds: &[i8]) -> Result<[u64; 3], BadKindCode> {
     let mut c = [0u64; 3];
@@ -317,11 +308,6 @@ pub fn attribution_weight(agent: Agent, dominant: Option<BankKind>, cfg: &Reward
 // ---------------------------------------------------------------------------------------------
 // Batches
 // ---------------------------------------------------------------------------------------------
-
-/// A caller's mistake in a batch (lengths that differ, NaN, negative lengths, bad kind codes).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct BatchError(pub String);
 
 /// Inputs of [`score_batch`]; every slice has one entry per sample.
 #[derive(Clone, Copy, Debug)]
