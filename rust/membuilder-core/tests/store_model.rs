@@ -264,3 +264,37 @@ proptest! {
         prop_assert_eq!(&vbefore, &(m.core().to_string(), m.layers().entries(None, true)));
     }
 }
+
+/// `search`, `add_entries`, `set_core` and `check_plan` were written twice (state and view) and
+/// had started to differ in form; now both come from `Store`. Pin that the two stores answer
+/// alike: the same hits, the same errors for a ragged query batch, stale plans refused.
+#[test]
+fn state_and_view_share_store_behaviour() {
+    let mut st = MemoryState::new(config(UpdateMode::History)).unwrap();
+    let texts: Vec<String> = ["alpha one", "beta two", "gamma three"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let vecs: Vec<f32> = texts.iter().flat_map(|t| embed(t)).collect();
+    let provs = vec![Provenance::default(); texts.len()];
+    st.add_entries(BankKind::Semantic, &texts, &vecs, &provs)
+        .unwrap();
+    let mut view = st.view();
+    let q = embed("beta two");
+    assert_eq!(
+        st.search(&q, 2, None).unwrap(),
+        view.search(&q, 2, None).unwrap()
+    );
+    let ragged = &q[..DIM - 1];
+    let (a, b) = (st.search(ragged, 2, None), view.search(ragged, 2, None));
+    assert!(a.is_err());
+    assert_eq!(a, b);
+    // set_core bumps the version: a plan made before it is refused by both.
+    let ps = st.plan(&[], Provenance::default()).unwrap();
+    let pv = view.plan(&[], Provenance::default()).unwrap();
+    st.set_core("c".into());
+    view.set_core("c".into());
+    assert_eq!(st.core(), view.core());
+    assert!(st.check_plan(&ps).is_err());
+    assert_eq!(st.check_plan(&ps), view.check_plan(&pv));
+}
