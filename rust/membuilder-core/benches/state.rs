@@ -6,8 +6,8 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use membuilder_core::kinds::{Action, Agent, BankKind, Op};
-use membuilder_core::state::{MemoryState, Provenance, StateConfig, UpdateMode};
 use membuilder_core::{cpu, retrieval};
+use membuilder_core::{MemoryState, Provenance, StateConfig, Store, UpdateMode};
 
 const DIM: usize = 384;
 

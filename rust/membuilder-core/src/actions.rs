@@ -81,7 +81,6 @@
 //! they are trimmed, and must then be non-empty (`empty_field`) and at most [`MAX_TEXT_CHARS`]
 //! Unicode scalar values (`text_too_long`). Unknown extra keys are ignored.
 
-use rayon::prelude::*;
 use serde_json::{Map, Value};
 
 use crate::kinds::{Action, Agent, Op};
@@ -347,13 +346,10 @@ pub fn parse(agent: Agent, raw: &str) -> ParseResult {
     }
 }
 
-/// Parse many outputs in parallel (rayon); results are in input order.
+/// Parse many outputs in parallel (through [`crate::par`], so a forked child parses on its own
+/// thread instead of waiting on a pool it does not have); results are in input order.
 pub fn parse_batch(items: &[(Agent, &str)]) -> Vec<ParseResult> {
-    items
-        .par_iter()
-        .with_min_len(8)
-        .map(|(agent, raw)| parse(*agent, raw))
-        .collect()
+    crate::par::map_indices_min(items.len(), 8, |i| parse(items[i].0, items[i].1))
 }
 
 /// Check an action built directly (not parsed): the same rules as for parsed operations, and no

@@ -10,8 +10,8 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::kinds::BankKind;
+use crate::records::Provenance;
 use crate::retrieval::{self, Graph, TileCache};
-use crate::state::Provenance;
 
 /// One entry's data (its vector lives in [`Bank::vectors`] at the same row).
 #[derive(Clone, Debug)]

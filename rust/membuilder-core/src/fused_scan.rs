@@ -19,12 +19,12 @@
 //!
 //! Each lane sums its query's products with its row in dimension order, one FMA at a time, so a
 //! kernel score is a fixed function of (query, row), whatever the blocking or threads. Callers
-//! still re-score the winners with [`crate::retrieval::dot`] (see [`crate::retrieval::NearTop`]).
+//! still re-score the winners with [`crate::retrieval::dot`] (see [`crate::topk::NearTop`]).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use crate::retrieval::NearTop;
+use crate::topk::NearTop;
 
 /// Queries per panel: two 8-lane vectors.
 pub const PANEL: usize = 16;

@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use crate::fused_scan::{chunk_rows, debug_check_scan_args, Line, Rows, PANEL, TILE};
-use crate::retrieval::NearTop;
+use crate::topk::NearTop;
 
 /// Queries per register tile: two panels.
 const QUERIES: usize = 2 * PANEL;

@@ -6,46 +6,20 @@
 //! grows with the base. The base is never written through a view; the state it came from copies
 //! its body before changing it while views share it (see [`crate::state::MemoryState`]). Views
 //! are `Send + Sync`, so many views of one base can be searched from many threads at once.
+//! Planning, committing and searching are the [`Store`] trait's, shared with states.
 //!
 //! Ids of entries a view adds start at the base's next id; two views of one base may give the
 //! same id to different entries (each view is its own world).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::bank::Bank;
+use crate::error::{Result, StateError};
 use crate::kinds::{Action, BankKind};
-use crate::state::{
-    self, add_direct, apply_plan, make_plan, new_owner, CommitReport, Hit, Layers, MemoryState,
-    Plan, Provenance, Result, Snapshot, StateConfig, Target,
-};
-
-/// A view's own changes on top of its base.
-#[derive(Clone, Debug)]
-pub struct Delta {
-    pub core: Option<String>,
-    pub banks: [Bank; 3],
-    /// Base ids this view retired.
-    pub retired: HashSet<u64>,
-    pub retired_by_bank: [usize; 3],
-    /// First id this view assigns (the base's next id).
-    pub first_id: u64,
-    pub next_id: u64,
-}
-
-impl Delta {
-    fn new(base: &Snapshot) -> Self {
-        let dim = base.config.dim;
-        Delta {
-            core: None,
-            banks: BankKind::ALL.map(|k| Bank::new(k, dim)),
-            retired: HashSet::new(),
-            retired_by_bank: [0; 3],
-            first_id: base.next_id,
-            next_id: base.next_id,
-        }
-    }
-}
+use crate::layers::Layers;
+use crate::records::{CommitReport, Provenance};
+use crate::snapshot::{Delta, Snapshot};
+use crate::state::MemoryState;
+use crate::store::{new_owner, sealed::Mutate, Plan, Store};
 
 #[derive(Debug)]
 pub struct StateView {
@@ -78,31 +52,12 @@ impl StateView {
         }
     }
 
-    pub fn layers(&self) -> Layers<'_> {
-        Layers {
-            base: &self.base,
-            delta: Some(&self.delta),
-        }
-    }
-
     pub fn base(&self) -> &Arc<Snapshot> {
         &self.base
     }
 
     pub fn delta(&self) -> &Delta {
         &self.delta
-    }
-
-    pub fn config(&self) -> &StateConfig {
-        &self.base.config
-    }
-
-    pub fn version(&self) -> u64 {
-        self.version
-    }
-
-    pub fn core(&self) -> &str {
-        self.layers().core()
     }
 
     /// Ids this view added (live or since retired), ascending.
@@ -131,55 +86,6 @@ impl StateView {
         }
         v.sort_unstable();
         v
-    }
-
-    pub fn plan(&self, actions: &[Action], provenance: Provenance) -> Result<Plan> {
-        self.plan_owned(actions.to_vec(), provenance)
-    }
-
-    /// [`StateView::plan`] for actions the caller no longer needs (the plan keeps them: no copy).
-    pub fn plan_owned(&self, actions: Vec<Action>, provenance: Provenance) -> Result<Plan> {
-        make_plan(self.layers(), self.owner, self.version, actions, provenance)
-    }
-
-    pub fn commit(&mut self, plan: &Plan, vectors: &[f32]) -> Result<CommitReport> {
-        apply_plan(self, plan, vectors)
-    }
-
-    /// Whether `plan` may be committed here now.
-    pub fn check_plan(&self, plan: &Plan) -> Result<()> {
-        if plan.owner == self.owner && plan.version == self.version {
-            Ok(())
-        } else {
-            Err(state::StateError::StalePlan)
-        }
-    }
-
-    pub fn add_entries(
-        &mut self,
-        kind: BankKind,
-        texts: &[String],
-        vectors: &[f32],
-        provenances: &[Provenance],
-    ) -> Result<Vec<u64>> {
-        add_direct(self, kind, texts, vectors, provenances)
-    }
-
-    pub fn set_core(&mut self, text: String) {
-        self.set_core_text(text);
-        self.version += 1;
-    }
-
-    pub fn search(
-        &self,
-        queries: &[f32],
-        k: usize,
-        kind: Option<BankKind>,
-    ) -> Result<Vec<Vec<Hit>>> {
-        let dim = self.config().dim;
-        let nq = queries.len() / dim;
-        let q = state::prepare_vectors(queries, nq, dim, "search")?;
-        Ok(self.layers().search(&q, nq, k, kind, false))
     }
 
     /// A standalone state equal to base + delta (same ids; graphs rebuilt as needed).
@@ -212,18 +118,29 @@ impl StateView {
     }
 }
 
-impl Target for StateView {
+impl MemoryState {
+    /// A view of the state as it is now (O(1): shares the body). Defined here, with views, so
+    /// that the state module does not depend on the overlay that depends on it.
+    pub fn view(&self) -> StateView {
+        StateView::new(Arc::clone(&self.snap))
+    }
+}
+
+impl Store for StateView {
     fn layers(&self) -> Layers<'_> {
         Layers {
             base: &self.base,
             delta: Some(&self.delta),
         }
     }
-    fn owner(&self) -> u64 {
-        self.owner
-    }
     fn version(&self) -> u64 {
         self.version
+    }
+}
+
+impl Mutate for StateView {
+    fn owner(&self) -> u64 {
+        self.owner
     }
     fn bump_version(&mut self) {
         self.version += 1;
@@ -321,7 +238,7 @@ pub fn commit_views(
         **slot = Some(if end <= vectors.len() {
             view.commit(p, &vectors[start..end])
         } else {
-            Err(state::StateError::InvalidArgument(format!(
+            Err(StateError::InvalidArgument(format!(
                 "commit_views: vectors has {} floats, plans need {}",
                 vectors.len(),
                 o * dim
@@ -336,6 +253,7 @@ pub fn commit_views(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::StateConfig;
     use crate::kinds::Agent;
     use crate::kinds::Op;
 
@@ -358,7 +276,7 @@ mod tests {
     #[test]
     fn view_changes_do_not_touch_base_and_state_changes_do_not_touch_view() {
         let mut cfg = StateConfig::new(4);
-        cfg.update_mode = state::UpdateMode::Replace;
+        cfg.update_mode = crate::config::UpdateMode::Replace;
         let mut st = MemoryState::new(cfg).unwrap();
         let p = st
             .plan(
@@ -418,8 +336,8 @@ mod tests {
                 Provenance::default(),
             )
             .unwrap();
-        assert_eq!(b.commit(&p, &[1.0, 0.0]), Err(state::StateError::StalePlan));
+        assert_eq!(b.commit(&p, &[1.0, 0.0]), Err(StateError::StalePlan));
         a.commit(&p, &[1.0, 0.0]).unwrap();
-        assert_eq!(a.commit(&p, &[1.0, 0.0]), Err(state::StateError::StalePlan));
+        assert_eq!(a.commit(&p, &[1.0, 0.0]), Err(StateError::StalePlan));
     }
 }

@@ -40,9 +40,24 @@ where
     T: Send,
     F: Fn(usize) -> T + Sync + Send,
 {
+    map_indices_min(n, 1, f)
+}
+
+/// [`map_indices`] where every parallel task takes at least `min_len` indices, for a cheap `f`
+/// whose work would not pay for a task each; `n <= min_len` runs on the calling thread.
+pub fn map_indices_min<T, F>(n: usize, min_len: usize, f: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize) -> T + Sync + Send,
+{
     use rayon::prelude::*;
-    if n > 1 && enabled() {
-        (0..n).into_par_iter().map(f).collect()
+    let min_len = min_len.max(1);
+    if n > min_len && enabled() {
+        (0..n)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .map(f)
+            .collect()
     } else {
         (0..n).map(f).collect()
     }

@@ -32,48 +32,19 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::bank::Bank;
+use crate::config::StateConfig;
 use crate::kinds::BankKind;
+use crate::records::Provenance;
 use crate::retrieval::Graph;
-use crate::state::{MemoryState, Provenance, Snapshot, StateConfig};
+use crate::snapshot::Snapshot;
+use crate::state::MemoryState;
+
+pub use crate::error::{PersistError, Problem};
 
 pub const MAGIC: &[u8; 8] = b"MBSTATE\0";
 /// Bump on any change to the layout or the JSON schema.
 pub const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 32;
-
-/// What is wrong with a state file (stable names, used by the Python error's `problem`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Problem {
-    NotFound,
-    Truncated,
-    ChecksumMismatch,
-    BadMagic,
-    VersionMismatch,
-    Malformed,
-    Io,
-}
-
-impl Problem {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Problem::NotFound => "not_found",
-            Problem::Truncated => "truncated",
-            Problem::ChecksumMismatch => "checksum_mismatch",
-            Problem::BadMagic => "bad_magic",
-            Problem::VersionMismatch => "version_mismatch",
-            Problem::Malformed => "malformed",
-            Problem::Io => "io",
-        }
-    }
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct PersistError {
-    pub path: PathBuf,
-    pub problem: Problem,
-    pub message: String,
-}
 
 #[cold]
 fn err(path: &Path, problem: Problem, message: impl Into<String>) -> PersistError {
@@ -419,7 +390,7 @@ impl MemoryState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::StateConfig;
+    use crate::store::Store;
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("mb-persist-{tag}-{}", std::process::id()));

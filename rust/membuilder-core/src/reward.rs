@@ -5,11 +5,11 @@
 //! `[0, 1]`). Lengths are in tokens; both the policy's and the expert's length must be measured in
 //! the same unit (a real tokenizer's tokens, or [`approx_tokens`], characters / 4, on both sides).
 //!
-//! All functions here are pure; the batch versions run on rayon.
+//! All functions here are pure; the batch versions run in parallel through [`crate::par`].
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub use crate::error::{BadKindCode, BatchError, ConfigError};
 use crate::kinds::{Agent, BankKind};
 
 // ---------------------------------------------------------------------------------------------
@@ -61,11 +61,6 @@ impl Default for RewardConfig {
         }
     }
 }
-
-/// A configuration value out of its range; the message names the field and the rule.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
 
 impl RewardConfig {
     /// The numeric fields, in declaration order.
@@ -277,11 +272,6 @@ pub fn final_reward(format_ok: bool, task: f64, penalty: f64, cfg: &RewardConfig
     task * (1.0 - cfg.length_lambda * penalty)
 }
 
-/// A kind code that is neither -1 (padding) nor 0..=2.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("kind code {0} is not one of -1 (padding), 0 episodic, 1 semantic, 2 procedural")]
-pub struct BadKindCode(pub i8);
-
 /// How many retrieved entries were episodic, semantic, procedural; -1 padding is ignored.
 pub fn retrieval_counts(kinds: &[i8]) -> Result<[u64; 3], BadKindCode> {
     let mut c = [0u64; 3];
@@ -318,11 +308,6 @@ pub fn attribution_weight(agent: Agent, dominant: Option<BankKind>, cfg: &Reward
 // ---------------------------------------------------------------------------------------------
 // Batches
 // ---------------------------------------------------------------------------------------------
-
-/// A caller's mistake in a batch (lengths that differ, NaN, negative lengths, bad kind codes).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct BatchError(pub String);
 
 /// Inputs of [`score_batch`]; every slice has one entry per sample.
 #[derive(Clone, Copy, Debug)]
@@ -384,11 +369,9 @@ pub fn length_penalties(
     check_len("expert_tokens", expert_tokens.len(), n)?;
     check_tokens("policy_tokens", policy_tokens)?;
     check_tokens("expert_tokens", expert_tokens)?;
-    Ok((0..n)
-        .into_par_iter()
-        .with_min_len(MIN_PAR_LEN)
-        .map(|i| length_penalty(agents[i], policy_tokens[i], expert_tokens[i], cfg))
-        .collect())
+    Ok(crate::par::map_indices_min(n, MIN_PAR_LEN, |i| {
+        length_penalty(agents[i], policy_tokens[i], expert_tokens[i], cfg)
+    }))
 }
 
 /// Rewards, penalties and attribution weights of many samples.
@@ -427,19 +410,15 @@ pub fn score_batch(inp: &ScoreInputs<'_>, cfg: &RewardConfig) -> Result<BatchSco
             out
         }
     };
-    let triples: Vec<(f64, f64, f64)> = (0..n)
-        .into_par_iter()
-        .with_min_len(MIN_PAR_LEN)
-        .map(|i| {
-            let agent = inp.agents[i];
-            let pen = length_penalty(agent, inp.policy_tokens[i], inp.expert_tokens[i], cfg);
-            if inp.valid.is_some_and(|v| !v[i]) {
-                return (pen, 0.0, 0.0);
-            }
-            let reward = final_reward(inp.format_ok[i], inp.task[i], pen, cfg);
-            (pen, reward, attribution_weight(agent, dominant[i], cfg))
-        })
-        .collect();
+    let triples: Vec<(f64, f64, f64)> = crate::par::map_indices_min(n, MIN_PAR_LEN, |i| {
+        let agent = inp.agents[i];
+        let pen = length_penalty(agent, inp.policy_tokens[i], inp.expert_tokens[i], cfg);
+        if inp.valid.is_some_and(|v| !v[i]) {
+            return (pen, 0.0, 0.0);
+        }
+        let reward = final_reward(inp.format_ok[i], inp.task[i], pen, cfg);
+        (pen, reward, attribution_weight(agent, dominant[i], cfg))
+    });
     let mut out = BatchScores {
         length_penalty: Vec::with_capacity(n),
         reward: Vec::with_capacity(n),

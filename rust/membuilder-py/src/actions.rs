@@ -10,85 +10,9 @@ use membuilder_core::kinds::{Action, Agent, BankKind, Op};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
+use crate::convert::{agent_from_str, agents_from_seq, str_objects, text_lossy, texts_from_seq};
 use crate::errors::invalid_argument;
-
-// ---------------------------------------------------------------------------------------------
-// Conversions shared with the reward binding
-// ---------------------------------------------------------------------------------------------
-
-/// An agent name from Python; unknown names are the caller's mistake.
-pub(crate) fn agent_from_str(py: Python<'_>, name: &str) -> PyResult<Agent> {
-    Agent::parse(name).ok_or_else(|| {
-        invalid_argument(
-            py,
-            format!("unknown agent {name:?}; expected one of \"core\", \"episodic\", \"semantic\", \"procedural\""),
-        )
-    })
-}
-
-/// A model's text from Python. Lone surrogates (which a JSON-decoded response can carry) are
-/// replaced by U+FFFD instead of raising: bad output is data.
-pub(crate) fn text_lossy(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
-    match obj.cast::<PyString>() {
-        Ok(s) => Ok(s.to_string_lossy().into_owned()),
-        Err(_) => Err(invalid_argument(
-            py,
-            format!(
-                "{what} must be a str, got {}",
-                obj.get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
-            ),
-        )),
-    }
-}
-
-/// Agent names from a Python sequence.
-pub(crate) fn agents_from_seq(py: Python<'_>, agents: &Bound<'_, PyAny>) -> PyResult<Vec<Agent>> {
-    if agents.is_instance_of::<PyString>() {
-        return Err(invalid_argument(
-            py,
-            "agents must be a sequence of agent names, not a single str",
-        ));
-    }
-    let mut out = Vec::new();
-    for item in agents
-        .try_iter()
-        .map_err(|_| invalid_argument(py, "agents must be a sequence of agent names"))?
-    {
-        let item = item?;
-        let name = item
-            .cast::<PyString>()
-            .map_err(|_| invalid_argument(py, "agents must hold str agent names"))?
-            .to_string_lossy()
-            .into_owned();
-        out.push(agent_from_str(py, &name)?);
-    }
-    Ok(out)
-}
-
-/// Raw outputs from a Python sequence (lossy, see [`text_lossy`]).
-pub(crate) fn texts_from_seq(
-    py: Python<'_>,
-    raws: &Bound<'_, PyAny>,
-    what: &str,
-) -> PyResult<Vec<String>> {
-    if raws.is_instance_of::<PyString>() {
-        return Err(invalid_argument(
-            py,
-            format!("{what} must be a sequence of str, not a single str"),
-        ));
-    }
-    let mut out = Vec::new();
-    for item in raws
-        .try_iter()
-        .map_err(|_| invalid_argument(py, format!("{what} must be a sequence of str")))?
-    {
-        out.push(text_lossy(py, &item?, what)?);
-    }
-    Ok(out)
-}
+use crate::util::detach;
 
 fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
     Ok(match v {
@@ -405,7 +329,7 @@ fn parse_actions(py: Python<'_>, agent: &str, raw: &Bound<'_, PyAny>) -> PyResul
     let agent = agent_from_str(py, agent)?;
     let raw = text_lossy(py, raw, "raw")?;
     let inner = if raw.len() > 64 * 1024 {
-        py.detach(|| core_actions::parse(agent, &raw))
+        detach(py, || core_actions::parse(agent, &raw))
     } else {
         core_actions::parse(agent, &raw)
     };
@@ -438,44 +362,6 @@ fn parse_actions_batch(
         .collect())
 }
 
-/// The `str` objects of a Python sequence, kept alive so that their text can be borrowed
-/// without a copy.
-pub(crate) fn str_objects<'py>(
-    py: Python<'py>,
-    raws: &Bound<'py, PyAny>,
-    what: &str,
-) -> PyResult<Vec<Bound<'py, PyString>>> {
-    if raws.is_instance_of::<PyString>() {
-        return Err(invalid_argument(
-            py,
-            format!("{what} must be a sequence of str, not a single str"),
-        ));
-    }
-    let mut out = Vec::new();
-    for item in raws
-        .try_iter()
-        .map_err(|_| invalid_argument(py, format!("{what} must be a sequence of str")))?
-    {
-        let item = item?;
-        match item.cast_into::<PyString>() {
-            Ok(s) => out.push(s),
-            Err(e) => {
-                let name = e
-                    .into_inner()
-                    .get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default();
-                return Err(invalid_argument(
-                    py,
-                    format!("{what} must hold str, got {name}"),
-                ));
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Parse with the GIL released, in parallel. The texts are borrowed from the Python strings
 /// (their UTF-8 form); only strings with lone surrogates are copied, lossily.
 pub(crate) fn parse_many(
@@ -484,7 +370,7 @@ pub(crate) fn parse_many(
     raws: &[Bound<'_, PyString>],
 ) -> Vec<core_actions::ParseResult> {
     let texts: Vec<std::borrow::Cow<'_, str>> = raws.iter().map(|s| s.to_string_lossy()).collect();
-    py.detach(|| {
+    detach(py, || {
         let items: Vec<(Agent, &str)> = agents
             .iter()
             .copied()

@@ -1,11 +1,13 @@
 //! PyO3 binding of membuilder-core as `membuilder._core`.
 //!
-//! Only conversion, error mapping and GIL handling live here; every algorithm is in the core crate.
+//! Only conversion (`convert`), error mapping (`errors`) and GIL handling (`util::detach`) live
+//! here; every algorithm is in the core crate.
 //! Each submodule adds its classes and functions through a `register` function.
 
 use pyo3::prelude::*;
 
 mod actions;
+mod convert;
 mod errors;
 mod kernels;
 mod reward;

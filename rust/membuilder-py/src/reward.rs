@@ -7,123 +7,17 @@
 
 use membuilder_core::kinds::{Agent, BankKind};
 use membuilder_core::reward::{self as core_reward, RewardConfig};
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-use crate::actions::{agent_from_str, agents_from_seq, parse_many, str_objects, PyParseResult};
-use crate::errors::invalid_argument;
-
-// ---------------------------------------------------------------------------------------------
-// Array helpers
-// ---------------------------------------------------------------------------------------------
-
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_default()
-}
-
-fn asarray<'py>(
-    py: Python<'py>,
-    obj: &Bound<'py, PyAny>,
-    dtype: Option<&str>,
-    name: &str,
-) -> PyResult<Bound<'py, PyAny>> {
-    let np = py.import("numpy")?;
-    let kwargs = PyDict::new(py);
-    if let Some(d) = dtype {
-        kwargs.set_item("dtype", d)?;
-    }
-    np.call_method("asarray", (obj,), Some(&kwargs))
-        .map_err(|e| {
-            invalid_argument(
-                py,
-                format!("{name} must be array-like ({}): {e}", type_name(obj)),
-            )
-        })
-}
-
-/// A 1-D float64 array as a Vec.
-fn f64_vec(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<f64>> {
-    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, f64>>() {
-        return Ok(a.as_array().iter().copied().collect());
-    }
-    let arr = asarray(py, obj, Some("float64"), name)?;
-    match arr.extract::<PyReadonlyArray1<'_, f64>>() {
-        Ok(a) => Ok(a.as_array().iter().copied().collect()),
-        Err(_) => Err(invalid_argument(
-            py,
-            format!("{name} must be one-dimensional, one number per sample"),
-        )),
-    }
-}
-
-/// A 1-D bool array as a Vec (only bool dtypes or Python bools are accepted).
-fn bool_vec(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
-    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, bool>>() {
-        return Ok(a.as_array().iter().copied().collect());
-    }
-    let arr = asarray(py, obj, None, name)?;
-    let kind: String = arr.getattr("dtype")?.getattr("kind")?.extract()?;
-    let size: usize = arr.getattr("size")?.extract()?;
-    if kind != "b" && size > 0 {
-        return Err(invalid_argument(
-            py,
-            format!("{name} must hold booleans (numpy bool dtype), got dtype kind {kind:?}"),
-        ));
-    }
-    let arr = asarray(py, &arr, Some("bool"), name)?;
-    match arr.extract::<PyReadonlyArray1<'_, bool>>() {
-        Ok(a) => Ok(a.as_array().iter().copied().collect()),
-        Err(_) => Err(invalid_argument(
-            py,
-            format!("{name} must be one-dimensional, one bool per sample"),
-        )),
-    }
-}
-
-fn check_code(py: Python<'_>, name: &str, v: i64) -> PyResult<i8> {
-    if (-1..=2).contains(&v) {
-        Ok(v as i8)
-    } else {
-        Err(invalid_argument(
-            py,
-            format!("{name} holds kind code {v}; expected -1 (padding), 0 episodic, 1 semantic or 2 procedural"),
-        ))
-    }
-}
-
-/// Kind codes of any shape, flattened, checked to be in -1..=2; returns (codes, shape).
-fn kind_codes(
-    py: Python<'_>,
-    obj: &Bound<'_, PyAny>,
-    name: &str,
-) -> PyResult<(Vec<i8>, Vec<usize>)> {
-    let arr = asarray(py, obj, None, name)?;
-    let kind: String = arr.getattr("dtype")?.getattr("kind")?.extract()?;
-    let size: usize = arr.getattr("size")?.extract()?;
-    if !(kind == "i" || kind == "u") && size > 0 {
-        return Err(invalid_argument(
-            py,
-            format!("{name} must hold integer kind codes (int8), got dtype kind {kind:?}"),
-        ));
-    }
-    let shape: Vec<usize> = arr.getattr("shape")?.extract()?;
-    let flat = arr
-        .call_method1("astype", ("int64",))?
-        .call_method0("ravel")?;
-    let flat = flat
-        .extract::<PyReadonlyArray1<'_, i64>>()
-        .map_err(|_| invalid_argument(py, format!("{name} could not be read as integers")))?;
-    let codes = flat
-        .as_array()
-        .iter()
-        .map(|&v| check_code(py, name, v))
-        .collect::<PyResult<Vec<i8>>>()?;
-    Ok((codes, shape))
-}
+use crate::actions::{parse_many, PyParseResult};
+use crate::convert::{
+    agent_from_str, agents_from_seq, bool_vec, check_code, f64_vec, kind_codes, optional_kind,
+    str_objects, type_name,
+};
+use crate::errors::{core_err, invalid_argument};
+use crate::util::detach;
 
 fn check_token(py: Python<'_>, name: &str, v: f64) -> PyResult<f64> {
     if v.is_finite() && v >= 0.0 {
@@ -159,9 +53,8 @@ pub struct PyRewardConfig {
 impl PyRewardConfig {
     fn set_float(&mut self, py: Python<'_>, name: &str, value: f64) -> PyResult<()> {
         let mut next = self.inner.clone();
-        next.set_float(name, value)
-            .map_err(|e| invalid_argument(py, e.0))?;
-        next.validate().map_err(|e| invalid_argument(py, e.0))?;
+        next.set_float(name, value).map_err(|e| core_err(py, e))?;
+        next.validate().map_err(|e| core_err(py, e))?;
         self.inner = next;
         Ok(())
     }
@@ -169,7 +62,7 @@ impl PyRewardConfig {
     fn set_bool(&mut self, py: Python<'_>, name: &str, value: bool) -> PyResult<()> {
         self.inner
             .set_bool(name, value)
-            .map_err(|e| invalid_argument(py, e.0))
+            .map_err(|e| core_err(py, e))
     }
 
     fn from_mapping(py: Python<'_>, fields: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
@@ -191,8 +84,7 @@ impl PyRewardConfig {
                             ),
                         )
                     })?;
-                    cfg.set_float(&key, x)
-                        .map_err(|e| invalid_argument(py, e.0))?;
+                    cfg.set_float(&key, x).map_err(|e| core_err(py, e))?;
                 } else if RewardConfig::BOOL_FIELDS.contains(&key.as_str()) {
                     let b: bool = v.extract().map_err(|_| {
                         invalid_argument(
@@ -203,16 +95,15 @@ impl PyRewardConfig {
                             ),
                         )
                     })?;
-                    cfg.set_bool(&key, b)
-                        .map_err(|e| invalid_argument(py, e.0))?;
+                    cfg.set_bool(&key, b).map_err(|e| core_err(py, e))?;
                 } else {
                     // set_float reports the unknown name together with the list of known ones.
                     let e = cfg.set_float(&key, 0.0).unwrap_err();
-                    return Err(invalid_argument(py, e.0));
+                    return Err(core_err(py, e));
                 }
             }
         }
-        cfg.validate().map_err(|e| invalid_argument(py, e.0))?;
+        cfg.validate().map_err(|e| core_err(py, e))?;
         Ok(PyRewardConfig { inner: cfg })
     }
 }
@@ -463,8 +354,7 @@ fn final_reward(
 #[pyfunction]
 fn retrieval_counts(py: Python<'_>, kinds: &Bound<'_, PyAny>) -> PyResult<(u64, u64, u64)> {
     let (codes, _) = kind_codes(py, kinds, "kinds")?;
-    let c =
-        core_reward::retrieval_counts(&codes).map_err(|e| invalid_argument(py, e.to_string()))?;
+    let c = core_reward::retrieval_counts(&codes).map_err(|e| core_err(py, e))?;
     Ok((c[0], c[1], c[2]))
 }
 
@@ -498,12 +388,7 @@ fn attribution_weight(
     config: Option<PyRef<'_, PyRewardConfig>>,
 ) -> PyResult<f64> {
     let agent = agent_from_str(py, agent)?;
-    let dominant = match dominant {
-        None => None,
-        Some(name) => Some(BankKind::parse(name).ok_or_else(|| {
-            invalid_argument(py, format!("unknown bank kind {name:?}; expected \"episodic\", \"semantic\", \"procedural\" or None"))
-        })?),
-    };
+    let dominant = optional_kind(py, dominant)?;
     Ok(core_reward::attribution_weight(
         agent,
         dominant,
@@ -596,7 +481,7 @@ impl PyRewardKernel {
         valid: Option<Vec<bool>>,
     ) -> PyResult<Scored> {
         let cfg = &self.cfg;
-        let result = py.detach(|| {
+        let result = detach(py, || {
             let inp = core_reward::ScoreInputs {
                 agents: &agents,
                 format_ok: &format_ok,
@@ -608,7 +493,7 @@ impl PyRewardKernel {
             };
             core_reward::score_batch(&inp, cfg)
         });
-        let scores = result.map_err(|e| invalid_argument(py, e.0))?;
+        let scores = result.map_err(|e| core_err(py, e))?;
         Ok(Scored {
             format_ok,
             policy_tokens,
@@ -662,9 +547,10 @@ impl PyRewardKernel {
         let policy = f64_vec(py, policy_tokens, "policy_tokens")?;
         let expert = f64_vec(py, expert_tokens, "expert_tokens")?;
         let cfg = &self.cfg;
-        let out = py
-            .detach(|| core_reward::length_penalties(&agents, &policy, &expert, cfg))
-            .map_err(|e| invalid_argument(py, e.0))?;
+        let out = detach(py, || {
+            core_reward::length_penalties(&agents, &policy, &expert, cfg)
+        })
+        .map_err(|e| core_err(py, e))?;
         Ok(out.into_pyarray(py))
     }
 
