@@ -346,6 +346,9 @@ pub struct BatchScores {
     pub reward: Vec<f64>,
     pub weight: Vec<f64>,
     pub dominant: Vec<Option<BankKind>>,
+    /// Per sample, how many retrieved entries were episodic, semantic, procedural (the counts
+    /// the dominant kind is taken from; zeros without `retrieved_kinds`).
+    pub retrieved: Vec<[u64; 3]>,
 }
 
 const MIN_PAR_LEN: usize = 2048;
@@ -408,8 +411,8 @@ pub fn score_batch(inp: &ScoreInputs<'_>, cfg: &RewardConfig) -> Result<BatchSco
             "task[{i}] is {v}; task rewards must be finite"
         )));
     }
-    let dominant: Vec<Option<BankKind>> = match inp.retrieved_kinds {
-        None => vec![None; n],
+    let retrieved: Vec<[u64; 3]> = match inp.retrieved_kinds {
+        None => vec![[0; 3]; n],
         Some((kinds, m)) => {
             if kinds.len() != n * m {
                 return Err(BatchError(format!(
@@ -420,13 +423,15 @@ pub fn score_batch(inp: &ScoreInputs<'_>, cfg: &RewardConfig) -> Result<BatchSco
             let mut out = Vec::with_capacity(n);
             for i in 0..n {
                 let row = &kinds[i * m..(i + 1) * m];
-                let counts = retrieval_counts(row)
-                    .map_err(|e| BatchError(format!("retrieved_kinds row {i}: {e}")))?;
-                out.push(dominant_kind(counts));
+                out.push(
+                    retrieval_counts(row)
+                        .map_err(|e| BatchError(format!("retrieved_kinds row {i}: {e}")))?,
+                );
             }
             out
         }
     };
+    let dominant: Vec<Option<BankKind>> = retrieved.iter().map(|&c| dominant_kind(c)).collect();
     let triples: Vec<(f64, f64, f64)> = (0..n)
         .into_par_iter()
         .with_min_len(MIN_PAR_LEN)
@@ -445,6 +450,7 @@ pub fn score_batch(inp: &ScoreInputs<'_>, cfg: &RewardConfig) -> Result<BatchSco
         reward: Vec::with_capacity(n),
         weight: Vec::with_capacity(n),
         dominant,
+        retrieved,
     };
     for (p, r, w) in triples {
         out.length_penalty.push(p);
@@ -596,6 +602,10 @@ mod tests {
                 Some(BankKind::Episodic),
                 None
             ]
+        );
+        assert_eq!(
+            s.retrieved,
+            vec![[0, 2, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]]
         );
         let bad = ScoreInputs {
             task: &[1.0],
