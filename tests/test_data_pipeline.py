@@ -648,6 +648,35 @@ def test_export_rl_ground_truth_is_what_the_reward_scorer_reads(built, tmp_path)
         assert gt.resolve_state(out.parent).is_file()
 
 
+def test_export_rl_ground_truth_is_decoded_with_its_own_schema(built, tmp_path):
+    """The reward scorer decodes an exported row with the schema that wrote it: the same object as
+    its general reader gives, with expert facts that are what parsing the expert's output gives."""
+    samples = pytest.importorskip("membuilder.training.samples")
+    from membuilder.data.export_rl import export_rl
+
+    out = tmp_path / "c.parquet"
+    export_rl(built["root"], out)
+    rows = pq.read_table(out).to_pylist()
+    assert rows
+    for row in rows:
+        text = row["reward_model"]["ground_truth"]
+        typed = samples._from_export(text)
+        assert typed is not None  # an exported row takes the schema's path
+        general = samples.GroundTruth.from_obj(json.loads(text))  # a mapping: the general reader
+        assert typed == general
+        assert samples.GroundTruth.from_obj(text) == samples.GroundTruth.from_obj(text.encode()) == typed
+        assert list(typed.expert_facts) == list(typed.expert_outputs) == list(AGENT_ORDER)
+        for agent, raw in typed.expert_outputs.items():
+            parse = parse_actions(agent, raw)
+            assert typed.expert_facts[agent] == samples.ExpertFacts(parse.ok, parse.content_text())
+    # Anything but an exported row of this version is left to the general reader.
+    doc = json.loads(rows[0]["reward_model"]["ground_truth"])
+    for other in (dict(doc, version=2), dict(doc, qa=[]), dict(doc, expert_outputs={"core": "x"})):
+        assert samples._from_export(json.dumps(other)) is None
+    given = samples.GroundTruth.from_obj(json.dumps(dict(doc, expert_outputs={"core": "x"})))
+    assert given.expert_outputs["core"] == "x" and "core" not in given.expert_facts  # facts were of the other
+
+
 def test_export_sft_merges_into_dataset_info(built, tmp_path):
     from membuilder.data.export_sft import export_sft
 

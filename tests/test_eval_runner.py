@@ -248,6 +248,42 @@ def test_full_mode_locomo_two_conversations(locomo_path: Path, tmp_path: Path) -
     _no_secret_anywhere(out)
 
 
+def test_answer_takes_the_hits_of_the_one_search_per_question(locomo_path: Path, tmp_path: Path) -> None:
+    """Each question is searched once (top max(recall k, top k)); the answer uses the first top k of
+    those hits, which are exactly what a search of its own for the top k finds."""
+    import argparse
+    import asyncio
+
+    import numpy as np
+    from membuilder.answer import Answerer
+
+    out = tmp_path / "one"
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    with ScriptedOpenAIServer(MemoryResponder()) as server:
+        args = parser.parse_args(
+            ["--dataset", "locomo", "--data-path", str(locomo_path), "--conv-id", "conv-30", "--sessions", "3",
+             "--questions", "12", "--mode", "full", "--builder", "raw", "--embedder", "hash", "--top-k", "4",
+             "--judge", "none", "--output-dir", str(out), "--no-progress", *_llm_args(server)]
+        )  # fmt: skip
+        run = runner.Runner(runner.EvalConfig.from_args(args))
+        asyncio.run(run.run())
+        assert server.count("answer") == 12
+    res = _results(out)
+    assert len(res) == 12 and run.search_k == 10 > run.cfg.top_k == 4
+    state = run.states["conv-30"]
+    answerer = Answerer(None, run.embedder, top_k=4)
+    for r in res.values():
+        # its own search, as the answerer made it before it was handed the hits
+        own = asyncio.run(answerer.retrieve(state, r["question"]))
+        handed = asyncio.run(answerer.retrieve(state, r["question"], run.search_hits[r["question_id"]]))
+        assert handed == own
+        assert r["answer_retrieved_ids"] == own[0] == r["retrieved_ids"][:4]
+        assert np.array_equal(
+            run.search_hits[r["question_id"]][0][: len(r["retrieved_ids"])], r["retrieved_ids"]
+        )
+
+
 def test_full_mode_longmemeval_oracle_with_abstention(longmemeval_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "lme"
     with ScriptedOpenAIServer(MemoryResponder()) as server:

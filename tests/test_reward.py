@@ -313,6 +313,42 @@ def test_kernel_matches_reference(fields, batch, with_extras):
     )
 
 
+@settings(max_examples=150, deadline=None)
+@given(batches(), st.booleans())
+def test_kernel_counts_are_retrieval_counts(batch, with_kinds):
+    """The counts the kernel takes the dominant kind from are what retrieval_counts gives per row."""
+    n = len(batch["agents"])
+    args = [batch[k] for k in ("agents", "format_ok", "task", "policy_tokens", "expert_tokens")]
+    kinds = batch["retrieved_kinds"] if with_kinds else None
+    out = _core.RewardKernel().score(*args, retrieved_kinds=kinds)
+    assert out.retrieved.dtype == np.int64 and out.retrieved.shape == (n, 3)
+    for i in range(n):
+        counts = _core.retrieval_counts(kinds[i]) if with_kinds else (0, 0, 0)
+        if with_kinds:
+            assert counts == ref.retrieval_counts(kinds[i])
+        assert tuple(out.retrieved[i].tolist()) == counts
+        assert out.dominant[i] == _core.dominant_kind(counts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.text(alphabet=st.sampled_from("ab é😀\n\t"), max_size=40), max_size=6),
+    st.sampled_from(AGENTS),
+    st.booleans(),
+)
+def test_approx_content_tokens_is_approx_tokens_of_the_content_text(texts, agent, broken):
+    """What the scorer passes as the policy's length when no tokenizer is given."""
+    if agent == "core":
+        raw = json.dumps({"operation": "APPEND", "content": " ".join(texts)})
+    else:
+        raw = json.dumps({"operations": [{"action": "ADD", "memory": t} for t in texts]})
+    raws = [raw[: len(raw) // 2] if broken else raw, "not json", ""]
+    parses = _core.parse_actions_batch([agent] * len(raws), raws)
+    got = _core.approx_content_tokens(parses)
+    assert got.dtype == np.float64
+    assert got.tolist() == [float(_core.approx_tokens(p.content_text())) for p in parses]
+
+
 def test_invalid_sample_gets_reward_and_weight_zero():
     kernel = _core.RewardKernel()
     out = kernel.score(

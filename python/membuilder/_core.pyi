@@ -376,6 +376,9 @@ def dominant_kind(counts: tuple[int, int, int] | Sequence[int]) -> BankKind | No
 def attribution_weight(agent: Agent, dominant: BankKind | None, config: RewardConfig | None = None) -> float:
     """alpha for the dominant kind's agent, else 1 (core always 1)."""
 
+def approx_content_tokens(parses: Sequence[ParseResult]) -> npt.NDArray[np.float64]:
+    """``approx_tokens(p.content_text())`` of every parse result, without building the texts."""
+
 @final
 class RewardBatch:
     format_ok: npt.NDArray[np.bool_]
@@ -384,6 +387,10 @@ class RewardBatch:
     reward: npt.NDArray[np.float64]
     weight: npt.NDArray[np.float64]
     dominant: list[BankKind | None]
+    retrieved: npt.NDArray[np.int64]
+    """``(n, 3)``: per sample, how many retrieved entries were episodic, semantic, procedural (the
+    counts ``dominant`` is taken from, as :func:`retrieval_counts` gives them; zeros without
+    ``retrieved_kinds``)."""
     def __len__(self) -> int: ...
 
 @final

@@ -109,25 +109,37 @@ class Answerer:
         self.max_tokens = max_tokens
 
     async def retrieve(
-        self, state: Any, question: str
+        self, state: Any, question: str, hits: Sequence[Any] | None = None
     ) -> tuple[list[int], list[float], list[str], list[str]]:
-        """``(ids, scores, kinds, texts)`` of the top-k live memories for ``question``."""
+        """``(ids, scores, kinds, texts)`` of the top-k live memories for ``question``.
+
+        ``hits``: ``(ids, scores, kinds)`` of a search already made for this question over
+        ``state`` with at least ``top_k`` results, best first (e.g. one row of each of
+        ``search_batch``'s arrays, padded with -1); its first ``top_k`` are used instead of
+        embedding and searching again. The caller vouches that they are this search's top k.
+        """
         if self.top_k == 0 or len(state) == 0:
             return [], [], [], []
-        q = np.asarray(await self.embedder.aembed_queries([question]), dtype=np.float32)[0]
-        hits = state.search(np.ascontiguousarray(q), self.top_k)
-        ids = [int(i) for i in hits.ids if i >= 0]
-        scores = [float(s) for s, i in zip(hits.scores, hits.ids) if i >= 0]
-        kinds = [BANK_KINDS[int(k)] for k, i in zip(hits.kinds, hits.ids) if i >= 0]
+        if hits is None:
+            q = np.asarray(await self.embedder.aembed_queries([question]), dtype=np.float32)[0]
+            found = state.search(np.ascontiguousarray(q), self.top_k)
+            hits = (found.ids, found.scores, found.kinds)
+        hit_ids, hit_scores, hit_kinds = (h[: self.top_k] for h in hits)
+        ids = [int(i) for i in hit_ids if i >= 0]
+        scores = [float(s) for s, i in zip(hit_scores, hit_ids) if i >= 0]
+        kinds = [BANK_KINDS[int(k)] for k, i in zip(hit_kinds, hit_ids) if i >= 0]
         texts = [t for t in state.texts(ids) if t is not None]
         return ids, scores, kinds, texts
 
-    async def answer(self, state: Any, question: str, now: str | None) -> AnswerResult:
-        """Retrieve and answer. Raises ``LLMError`` when the endpoint fails for good (an answer is
-        never invented) and InvalidArgumentError for an empty question."""
+    async def answer(
+        self, state: Any, question: str, now: str | None, *, hits: Sequence[Any] | None = None
+    ) -> AnswerResult:
+        """Retrieve (or take ``hits``, see :meth:`retrieve`) and answer. Raises ``LLMError`` when
+        the endpoint fails for good (an answer is never invented) and InvalidArgumentError for an
+        empty question."""
         if not isinstance(question, str) or not question.strip():
             raise InvalidArgumentError("question must be a non-empty string")
-        ids, scores, kinds, texts = await self.retrieve(state, question)
+        ids, scores, kinds, texts = await self.retrieve(state, question, hits)
         messages = build_answer_messages(state.core, texts, question, now)
         reply = await self.llm.chat(
             messages,

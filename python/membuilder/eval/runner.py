@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from membuilder._core import InvalidArgumentError, MembuilderError, MemoryState
+from membuilder._core import BANK_KINDS, InvalidArgumentError, MembuilderError, MemoryState
 from membuilder._files import JsonlAppender, read_jsonl, remove_stale_temp_files, write_json_atomic
 from membuilder._lock import DirectoryLock
 from membuilder._redact import install_log_redaction, redact_text, redact_url
@@ -537,6 +537,18 @@ class _QueryMemo:
         return self.inner.embed_passages(texts)
 
 
+def _provenances(state: Any, ids: Sequence[int], known: dict[int, Any]) -> list[Any]:
+    """The provenance of each entry in ``ids``; an entry is read from the state (a copy of the
+    whole entry) only the first time, then taken from ``known``."""
+    out = []
+    for x in ids:
+        p = known.get(x)
+        if p is None:
+            p = known[x] = state.get(x).provenance
+        out.append(p)
+    return out
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -917,6 +929,9 @@ class Runner:
         for q in pending:
             by_conv.setdefault(q.conversation_id, []).append(q)
         self.query_memo: dict[str, np.ndarray] = {}
+        #: question id -> its search's (ids, scores, kinds) rows (top ``search_k``), for the answerer.
+        self.search_hits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.search_k = kmax
         out: dict[str, dict[str, Any]] = {}
         bar = _Bar(cfg.progress, len(pending), "retrieve questions")
         chunk = 64
@@ -926,17 +941,19 @@ class Runner:
                 if not qs:
                     continue
                 state = self._state(conv)
+                provenance: dict[int, Any] = {}  # entry id -> provenance, read once per conversation
                 for start in range(0, len(qs), chunk):
                     part = qs[start : start + chunk]
                     texts = [q.question for q in part]
                     t0 = time.perf_counter()
                     vecs = np.ascontiguousarray(await self.embedder.aembed_queries(texts), dtype=np.float32)
                     self.query_memo.update(zip(texts, vecs))
-                    ids, scores, _kinds = state.search_batch(vecs, kmax)
+                    ids, scores, kinds = state.search_batch(vecs, kmax)
                     per_question_s = (time.perf_counter() - t0) / len(part)
                     for i, q in enumerate(part):
+                        self.search_hits[q.id] = (ids[i], scores[i], kinds[i])
                         row = [int(x) for x in ids[i] if x >= 0]
-                        provs = [state.get(x).provenance for x in row]
+                        provs = _provenances(state, row, provenance)
                         ev_turns, ev_sessions = question_evidence(q, conv)
                         rec = _question_record(q, cfg)
                         rec["evidence_ranks"] = evidence_ranks(provs, ev_turns, ev_sessions)
@@ -987,6 +1004,15 @@ class Runner:
             )
             judge = RoundsJudge(judge, cfg.judge_rounds)
         convs = {c.id: c for c in ds.conversations}
+
+        def reuse(state: MemoryState) -> bool:
+            # The answer's top k is the first k of the retrieval's top search_k when both searches
+            # are exact (one total order: score, then id). A bank over exact_search_limit is searched
+            # through its graph, whose answer may depend on k: then the answerer searches for its k.
+            return self.search_k == cfg.top_k or all(
+                state.count(b) <= state.exact_search_limit for b in BANK_KINDS
+            )
+
         sem = asyncio.Semaphore(cfg.concurrency)
         bar = _Bar(cfg.progress, len(pending), "answer questions")
         with JsonlAppender(cfg.output_dir / RESULTS) as results:
@@ -995,7 +1021,8 @@ class Runner:
                 async with sem:
                     t0 = time.perf_counter()
                     state = self._state(convs[q.conversation_id])
-                    a = await answerer.answer(state, q.question, q.asked_at)
+                    hits = self.search_hits.get(q.id) if reuse(state) else None
+                    a = await answerer.answer(state, q.question, q.asked_at, hits=hits)
                     rec = dict(retrieved[q.id])
                     rec.update(
                         answer=a.answer,

@@ -6,6 +6,11 @@ parquet's ``reward_model.ground_truth`` column as JSON text (see
 base state before the session (a path relative to the parquet file's directory), the session's
 synthetic QA, and the expert's outputs for all four agents (used for length penalties and, in
 ``expert`` pairing, as the other agents' actions).
+
+Such text is decoded with the schema that wrote it (one typed msgspec pass per rollout); other
+shapes (a mapping, a plain ``expert_outputs`` mapping, hand-written ground truths with only the
+fields the scorer reads) go through the general reader, which gives the same object for an
+exported row and names the field when something is missing.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from membuilder._core import AGENTS, BANK_KINDS
+from membuilder.data.schemas import RL_VERSION, RLGroundTruth
 from membuilder.errors import GroundTruthError
 from membuilder.protocol import PROTOCOLS
 
 PAIRINGS = ("expert", "joint")
 #: ``protocol_id`` in the reward metrics: 0 = paper, 1 = membuilder (-1: none recorded).
 PROTOCOL_IDS = {name: float(i) for i, name in enumerate(PROTOCOLS)}
-RL_GROUND_TRUTH_VERSION = 1  # membuilder.data.schemas.RL_VERSION
 
 
 @dataclass(frozen=True)
@@ -35,13 +42,25 @@ class QAPair:
 
 
 @dataclass(frozen=True)
+class ExpertFacts:
+    """What the RL export recorded about the expert's output of one agent (``experts[i]``): its
+    format gate and its new content joined with newlines, as the recording's parse gave them
+    (``ParseResult.ok`` and ``ParseResult.content_text()`` of that raw output)."""
+
+    ok: bool
+    content_text: str
+
+
+@dataclass(frozen=True)
 class GroundTruth:
     """Everything the reward of one (session, agent) prompt depends on, apart from the rollout.
 
     ``state_before`` is the path of the state file saved before the session (relative paths are
     resolved against the scorer's ``state_root``). ``expert_outputs`` maps each agent to the
     expert's raw output for this session; ``expert_content_chars`` is a fallback for the expert's
-    content length (characters) when its raw output is not given.
+    content length (characters) when its raw output is not given. ``expert_facts`` holds, per
+    agent, what the export recorded about that raw output (gate and content), so that the scorer
+    parses an expert's output only to apply its actions.
     """
 
     conversation_id: str
@@ -53,6 +72,7 @@ class GroundTruth:
     expert_content_chars: int | None = None
     timestamp: str | None = None
     embedder: str | None = None
+    expert_facts: Mapping[str, ExpertFacts] = field(default_factory=dict)
 
     @property
     def session_key(self) -> tuple[str, int]:
@@ -65,6 +85,9 @@ class GroundTruth:
         Raises :class:`GroundTruthError` naming the missing or malformed field.
         """
         if isinstance(obj, (str, bytes)):
+            exported = _from_export(obj)
+            if exported is not None:
+                return exported
             try:
                 obj = json.loads(obj)
             except json.JSONDecodeError as exc:
@@ -75,9 +98,9 @@ class GroundTruth:
             raise GroundTruthError(f"ground truth must be a mapping or JSON text, got {type(obj).__name__}")
 
         version = obj.get("version")
-        if version is not None and int(version) != RL_GROUND_TRUTH_VERSION:
+        if version is not None and int(version) != RL_VERSION:
             raise GroundTruthError(
-                f"ground truth version {version}, this membuilder reads version {RL_GROUND_TRUTH_VERSION}; "
+                f"ground truth version {version}, this membuilder reads version {RL_VERSION}; "
                 "re-export the RL data with this version"
             )
 
@@ -110,14 +133,22 @@ class GroundTruth:
         # The export writes ``experts`` (a list of records with agent and raw_output); a plain
         # ``expert_outputs`` mapping {agent: raw} is accepted too.
         experts: dict[str, str] = {}
+        facts: dict[str, ExpertFacts] = {}
         for rec in obj.get("experts") or ():
             if not hasattr(rec, "get") or rec.get("agent") is None or rec.get("raw_output") is None:
                 raise GroundTruthError("ground truth experts[] entries need 'agent' and 'raw_output'")
             experts[str(rec["agent"])] = str(rec["raw_output"])
+            if rec.get("ok") is not None and rec.get("content_text") is not None:
+                facts[str(rec["agent"])] = ExpertFacts(bool(rec["ok"]), str(rec["content_text"]))
+            else:
+                facts.pop(str(rec["agent"]), None)
         experts_raw = obj.get("expert_outputs") or {}
         if isinstance(experts_raw, str):
             experts_raw = json.loads(experts_raw)
-        experts.update({str(k): str(v) for k, v in dict(experts_raw).items() if v is not None})
+        override = {str(k): str(v) for k, v in dict(experts_raw).items() if v is not None}
+        experts.update(override)
+        # Facts describe the recorded raw output; a raw output given in their place has none.
+        facts = {a: f for a, f in facts.items() if a not in override}
         unknown = set(experts) - set(AGENTS)
         if unknown:
             raise GroundTruthError(f"ground truth expert_outputs has unknown agents {sorted(unknown)}")
@@ -135,6 +166,7 @@ class GroundTruth:
             expert_content_chars=None if chars is None else int(chars),
             timestamp=None if obj.get("timestamp") is None else str(obj["timestamp"]),
             embedder=None if obj.get("embedder") is None else str(obj["embedder"]),
+            expert_facts=facts,
         )
 
     def resolve_state(self, state_root: str | Path | None) -> Path:
@@ -142,6 +174,35 @@ class GroundTruth:
         if not path.is_absolute() and state_root is not None:
             path = Path(state_root) / path
         return path
+
+
+def _from_export(text: str | bytes) -> GroundTruth | None:
+    """An exported row's ground truth, decoded with the export's own schema in one typed pass;
+    ``None`` for anything else (another version, missing fields, an ``expert_outputs`` mapping,
+    no questions): :meth:`GroundTruth.from_obj`'s general reader then reads it or names the fault.
+    """
+    if (b'"expert_outputs"' if isinstance(text, bytes) else '"expert_outputs"') in text:
+        return None  # not a field of the schema; the general reader applies it
+    try:
+        truth = msgspec.json.decode(text, type=RLGroundTruth)
+    except msgspec.DecodeError:  # invalid JSON or another shape (ValidationError is a DecodeError)
+        return None
+    if truth.version != RL_VERSION or not truth.qa:
+        return None
+    experts = {e.agent: e.raw_output for e in truth.experts}
+    facts = {e.agent: ExpertFacts(e.ok, e.content_text) for e in truth.experts}
+    return GroundTruth(
+        conversation_id=truth.conversation_id,
+        session_index=truth.session_index,
+        agent=truth.agent,
+        qa=tuple(QAPair(q.question, q.answer, q.type, q.asked_at) for q in truth.qa),
+        state_before=truth.state_before,
+        expert_outputs=experts,
+        expert_content_chars=truth.expert_content_chars,
+        timestamp=truth.timestamp,
+        embedder=truth.embedder,
+        expert_facts=facts,
+    )
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from membuilder._core import BANK_KINDS  # the core's kind codes 0, 1, 2, in order
 from membuilder.endpoint import Endpoint
 from membuilder.protocol import Protocol, SparseReward, get_protocol
 from membuilder.training.format_gate import FORMAT_GATES, strict_format_ok
@@ -54,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 JUDGES = ("llm", "exact", "f1")
 QA_SCOPES = ("rollout_only", "whole_state")
-_KIND_NAMES = ("episodic", "semantic", "procedural")  # the core's kind codes 0, 1, 2
 
 
 @dataclass
@@ -283,7 +283,7 @@ class RewardScorer:
 
     def _count_tokens(self, text: str) -> float:
         if self.config.tokenizer is None:
-            return float(self._core.approx_tokens(text))
+            return float(len(text) // 4)  # _core.approx_tokens: code points / 4, as len() counts them
         if self._tokenizer is None:
             from transformers import AutoTokenizer  # only with the [train] extra
 
@@ -347,7 +347,6 @@ class RewardScorer:
         core = self._core
         agents = [s.agent for s in samples]
         parses = await asyncio.to_thread(core.parse_actions_batch, agents, [s.output for s in samples])
-        expert = await asyncio.to_thread(self._parse_experts, samples)
         if self.config.format_gate == "strict":
             # The gate decides the reward; an output that passes it but that our parser cannot
             # apply adds nothing to the memory (and one our parser could apply but the gate
@@ -356,6 +355,7 @@ class RewardScorer:
         else:
             gate = [bool(p.ok) for p in parses]
         usable = [g and bool(p.ok) for g, p in zip(gate, parses)]
+        expert, expert_facts = await asyncio.to_thread(self._parse_experts, samples, usable, pairing)
 
         groups, sample_group, paired_with_expert = self._make_groups(samples, parses, usable, expert, pairing)
         self.stats.groups += len(groups)
@@ -367,15 +367,19 @@ class RewardScorer:
 
         # Per-sample arrays for the kernel.
         format_ok = np.array(gate, dtype=bool)
-        policy_tokens = np.array([self._count_tokens(p.content_text()) for p in parses], dtype=np.float64)
+        if self.config.tokenizer is None:
+            policy_tokens = core.approx_content_tokens(parses)  # no text crosses the boundary
+        else:
+            policy_tokens = np.array([self._count_tokens(p.content_text()) for p in parses], dtype=np.float64)
         expert_tokens = np.zeros(n, dtype=np.float64)
         valid = np.ones(n, dtype=bool)
         task = np.zeros(n, dtype=np.float64)
         errors: list[str | None] = [None] * n
         width = max((g.kinds.shape[0] for g in groups if g.kinds is not None), default=1)
         kinds = np.full((n, max(width, 1)), -1, dtype=np.int8)
+        expert_counts: dict[str, float] = {}  # expert content -> tokens, counted once per batch
         for i, s in enumerate(samples):
-            tokens = self._expert_tokens(s.ground_truth, expert)
+            tokens = self._expert_tokens(s.ground_truth, expert, expert_facts, expert_counts)
             if tokens is None:
                 valid[i] = False
                 errors[i] = (
@@ -403,8 +407,8 @@ class RewardScorer:
         )
         self.stats.failed_samples += int((~valid).sum())
         out: list[SampleReward] = []
+        retrieved = batch.retrieved.tolist()  # the kernel's counts, the ones its dominant kind is from
         for i in range(n):
-            counts = core.retrieval_counts(np.ascontiguousarray(kinds[i]))
             out.append(
                 SampleReward(
                     reward=float(batch.reward[i]),
@@ -415,7 +419,7 @@ class RewardScorer:
                     length_penalty=float(batch.length_penalty[i]),
                     policy_tokens=float(policy_tokens[i]),
                     expert_tokens=float(expert_tokens[i]),
-                    retrieved=tuple(int(c) for c in counts),  # type: ignore[arg-type]
+                    retrieved=tuple(retrieved[i]),  # type: ignore[arg-type]
                     dominant=batch.dominant[i],
                     paired_with_expert=paired_with_expert[i],
                     error=errors[i],
@@ -452,26 +456,69 @@ class RewardScorer:
         self.stats.sparse_dropped += len(dropped)
         return dropped
 
-    def _parse_experts(self, samples: Sequence[RewardSample]) -> dict[tuple[str, int, str], Any]:
-        """The expert's parse for every (conversation, session, agent) the batch mentions."""
-        keys: list[tuple[str, int, str]] = []
-        raws: list[str] = []
-        seen: set[tuple[str, int, str]] = set()
+    def _parse_experts(
+        self, samples: Sequence[RewardSample], usable: Sequence[bool], pairing: str
+    ) -> tuple[dict[tuple[str, int, str], Any], dict[tuple[str, int, str], Any]]:
+        """The expert's output for every (conversation, session, agent) the batch mentions: what
+        the export recorded about it (:class:`~membuilder.training.samples.ExpertFacts`: gate and
+        content) and, where its actions are applied, its parse. Returns ``(parses, facts)``.
+
+        The recorded facts give the gate and the length, so an output is parsed only to apply it
+        (in ``expert`` pairing the other agents' outputs of a usable sample, in ``joint`` the
+        agents a session-rollout lacks; one that failed the gate adds nothing and is not parsed),
+        or to measure it when the ground truth carries no facts.
+        """
+        first: dict[tuple[str, int, str], tuple[str, Any]] = {}  # the first sample's raw and facts
         for s in samples:
             gt = s.ground_truth
             for agent, raw in gt.expert_outputs.items():
-                key = (gt.conversation_id, gt.session_index, agent)
-                if key not in seen:
-                    seen.add(key)
-                    keys.append(key)
-                    raws.append(raw)
-        parsed = self._core.parse_actions_batch([k[2] for k in keys], raws) if keys else []
-        return dict(zip(keys, parsed))
+                first.setdefault(
+                    (gt.conversation_id, gt.session_index, agent), (raw, gt.expert_facts.get(agent))
+                )
+        wanted: set[tuple[str, int, str]] = set()
 
-    def _expert_tokens(self, gt: GroundTruth, expert: dict[tuple[str, int, str], Any]) -> float | None:
-        parse = expert.get((gt.conversation_id, gt.session_index, gt.agent))
-        if parse is not None:
-            return self._count_tokens(parse.content_text())
+        def want(key: tuple[str, int, str], to_apply: bool) -> None:
+            if key in first:
+                facts = first[key][1]
+                if facts is None or (to_apply and facts.ok):
+                    wanted.add(key)
+
+        rollouts: dict[tuple[str, int, int], set[str]] = {}
+        for i, s in enumerate(samples):
+            gt = s.ground_truth
+            want((gt.conversation_id, gt.session_index, s.agent), to_apply=False)
+            if pairing == "expert" and usable[i]:
+                for a in AGENTS:
+                    if a != s.agent:
+                        want((gt.conversation_id, gt.session_index, a), to_apply=True)
+            elif pairing == "joint":
+                rollouts.setdefault(self._rollout_key(s), set()).add(s.agent)
+        for (conv, sess, _r), present in rollouts.items():
+            for a in AGENTS:
+                if a not in present:
+                    want((conv, sess, a), to_apply=True)
+        keys = [k for k in first if k in wanted]
+        raws = [first[k][0] for k in keys]
+        parsed = self._core.parse_actions_batch([k[2] for k in keys], raws) if keys else []
+        facts = {k: f for k, (_raw, f) in first.items() if f is not None}
+        return dict(zip(keys, parsed)), facts
+
+    def _expert_tokens(
+        self,
+        gt: GroundTruth,
+        expert: dict[tuple[str, int, str], Any],
+        facts: dict[tuple[str, int, str], Any],
+        counted: dict[str, float],
+    ) -> float | None:
+        key = (gt.conversation_id, gt.session_index, gt.agent)
+        recorded = facts.get(key)
+        parse = expert.get(key)
+        if recorded is not None or parse is not None:
+            text = recorded.content_text if recorded is not None else parse.content_text()
+            tokens = counted.get(text)
+            if tokens is None:
+                tokens = counted[text] = self._count_tokens(text)
+            return tokens
         if gt.expert_content_chars is not None:
             # Only a character count is known: characters / 4 is the documented unit for this case.
             return float(gt.expert_content_chars // 4)
@@ -792,9 +839,9 @@ def _new_memory_kinds(parses: Sequence[Any]) -> dict[str, int]:
     """New memory text -> kind code for the memory agents' ADD / UPDATE / MERGE operations."""
     out: dict[str, int] = {}
     for p in parses:
-        if p.agent not in _KIND_NAMES:
+        if p.agent not in BANK_KINDS:
             continue
-        code = _KIND_NAMES.index(p.agent)
+        code = BANK_KINDS.index(p.agent)
         for op in json.loads(p.to_json()).get("operations", []):
             text = op.get("memory") if op.get("action") == "ADD" else op.get("new_memory")
             if isinstance(text, str) and text:
@@ -806,5 +853,5 @@ def _tagged(text: str, code: int | None) -> str:
     """``[EPISODIC] text`` for a memory of kind ``code`` (as the reference stores memories)."""
     if code is None or code < 0:
         return text
-    tag = f"[{_KIND_NAMES[code].upper()}]"
+    tag = f"[{BANK_KINDS[code].upper()}]"
     return text if text.startswith(tag) else f"{tag} {text}"

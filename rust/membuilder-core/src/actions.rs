@@ -215,6 +215,13 @@ impl ParseResult {
         parts.join("\n")
     }
 
+    /// `reward::approx_tokens(&self.content_text())` without building the text: its characters
+    /// are the content characters plus one newline between consecutive texts.
+    pub fn content_approx_tokens(&self) -> usize {
+        let texts = self.actions.iter().filter(|a| a.text.is_some()).count();
+        (self.content_chars + texts.saturating_sub(1)) / 4
+    }
+
     /// Canonical JSON of the valid actions: `{"operations": [...]}` with each action in the shape
     /// the prompts ask for, keys sorted, no insignificant whitespace.
     pub fn to_json(&self) -> String {
@@ -1619,6 +1626,26 @@ mod tests {
             y in prop_oneof![Just(b'\\'), Just(b'['), any::<u8>()],
         ) {
             prop_assert_eq!(find_either(&b, x, y), b.iter().position(|&c| c == x || c == y));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn content_approx_tokens_counts_the_content_text(
+            texts in prop::collection::vec("[a-zé😀 ]{0,30}", 0..6),
+            agent in 0usize..4,
+        ) {
+            let ops: Vec<Value> = texts
+                .iter()
+                .map(|t| serde_json::json!({"action": "ADD", "memory": t}))
+                .collect();
+            let raw = if agent == 0 {
+                serde_json::json!({"operation": "APPEND", "content": texts.join(" ")}).to_string()
+            } else {
+                serde_json::json!({ "operations": ops }).to_string()
+            };
+            let r = parse(Agent::ALL[agent], &raw);
+            prop_assert_eq!(r.content_approx_tokens(), r.content_text().chars().count() / 4);
         }
     }
 

@@ -331,6 +331,9 @@ pub struct BatchScores {
     pub reward: Vec<f64>,
     pub weight: Vec<f64>,
     pub dominant: Vec<Option<BankKind>>,
+    /// Per sample, how many retrieved entries were episodic, semantic, procedural (the counts
+    /// the dominant kind is taken from; zeros without `retrieved_kinds`).
+    pub retrieved: Vec<[u64; 3]>,
 }
 
 const MIN_PAR_LEN: usize = 2048;
@@ -391,8 +394,8 @@ pub fn score_batch(inp: &ScoreInputs<'_>, cfg: &RewardConfig) -> Result<BatchSco
             "task[{i}] is {v}; task rewards must be finite"
         )));
     }
-    let dominant: Vec<Option<BankKind>> = match inp.retrieved_kinds {
-        None => vec![None; n],
+    let retrieved: Vec<[u64; 3]> = match inp.retrieved_kinds {
+        None => vec![[0; 3]; n],
         Some((kinds, m)) => {
             if kinds.len() != n * m {
                 return Err(BatchError(format!(
@@ -403,13 +406,15 @@ pub fn score_batch(inp: &ScoreInputs<'_>, cfg: &RewardConfig) -> Result<BatchSco
             let mut out = Vec::with_capacity(n);
             for i in 0..n {
                 let row = &kinds[i * m..(i + 1) * m];
-                let counts = retrieval_counts(row)
-                    .map_err(|e| BatchError(format!("retrieved_kinds row {i}: {e}")))?;
-                out.push(dominant_kind(counts));
+                out.push(
+                    retrieval_counts(row)
+                        .map_err(|e| BatchError(format!("retrieved_kinds row {i}: {e}")))?,
+                );
             }
             out
         }
     };
+    let dominant: Vec<Option<BankKind>> = retrieved.iter().map(|&c| dominant_kind(c)).collect();
     let triples: Vec<(f64, f64, f64)> = crate::par::map_indices_min(n, MIN_PAR_LEN, |i| {
         let agent = inp.agents[i];
         let pen = length_penalty(agent, inp.policy_tokens[i], inp.expert_tokens[i], cfg);
@@ -424,6 +429,7 @@ pub fn score_batch(inp: &ScoreInputs<'_>, cfg: &RewardConfig) -> Result<BatchSco
         reward: Vec::with_capacity(n),
         weight: Vec::with_capacity(n),
         dominant,
+        retrieved,
     };
     for (p, r, w) in triples {
         out.length_penalty.push(p);
@@ -575,6 +581,10 @@ mod tests {
                 Some(BankKind::Episodic),
                 None
             ]
+        );
+        assert_eq!(
+            s.retrieved,
+            vec![[0, 2, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]]
         );
         let bad = ScoreInputs {
             task: &[1.0],

@@ -7,7 +7,9 @@
 
 use membuilder_core::kinds::{Agent, BankKind};
 use membuilder_core::reward::{self as core_reward, RewardConfig};
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
@@ -396,6 +398,20 @@ fn attribution_weight(
     ))
 }
 
+/// `approx_tokens(p.content_text())` of every parse result, as float64 token counts, without
+/// building the texts (what the length penalty measures when no tokenizer is given).
+#[pyfunction]
+fn approx_content_tokens<'py>(
+    py: Python<'py>,
+    parses: Vec<PyRef<'py, PyParseResult>>,
+) -> Bound<'py, PyArray1<f64>> {
+    parses
+        .iter()
+        .map(|p| p.inner.content_approx_tokens() as f64)
+        .collect::<Vec<f64>>()
+        .into_pyarray(py)
+}
+
 // ---------------------------------------------------------------------------------------------
 // RewardBatch and RewardKernel
 // ---------------------------------------------------------------------------------------------
@@ -414,6 +430,7 @@ pub struct PyRewardBatch {
     reward: Py<PyArray1<f64>>,
     weight: Py<PyArray1<f64>>,
     dominant: Vec<Option<&'static str>>,
+    retrieved: Py<PyArray2<i64>>,
 }
 
 #[pymethods]
@@ -441,6 +458,12 @@ impl PyRewardBatch {
     #[getter]
     fn dominant(&self) -> Vec<Option<&'static str>> {
         self.dominant.clone()
+    }
+    /// `(n, 3)` int64: per sample, the retrieved entries that were episodic, semantic,
+    /// procedural (what `dominant` is taken from; zeros without `retrieved_kinds`).
+    #[getter]
+    fn retrieved(&self, py: Python<'_>) -> Py<PyArray2<i64>> {
+        self.retrieved.clone_ref(py)
     }
     fn __len__(&self) -> usize {
         self.dominant.len()
@@ -502,6 +525,18 @@ impl PyRewardKernel {
     }
 
     fn to_batch(py: Python<'_>, s: Scored) -> PyRewardBatch {
+        let n = s.scores.retrieved.len();
+        let counts: Vec<i64> = s
+            .scores
+            .retrieved
+            .iter()
+            .flat_map(|c| c.map(|x| x as i64))
+            .collect();
+        let retrieved = counts
+            .into_pyarray(py)
+            .reshape([n, 3])
+            .expect("n * 3 counts reshape to (n, 3)")
+            .unbind();
         PyRewardBatch {
             format_ok: s.format_ok.into_pyarray(py).unbind(),
             policy_tokens: s.policy_tokens.into_pyarray(py).unbind(),
@@ -509,6 +544,7 @@ impl PyRewardKernel {
             reward: s.scores.reward.into_pyarray(py).unbind(),
             weight: s.scores.weight.into_pyarray(py).unbind(),
             dominant: s.scores.dominant.into_iter().map(kind_name).collect(),
+            retrieved,
         }
     }
 }
@@ -681,5 +717,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(retrieval_counts, m)?)?;
     m.add_function(wrap_pyfunction!(dominant_kind, m)?)?;
     m.add_function(wrap_pyfunction!(attribution_weight, m)?)?;
+    m.add_function(wrap_pyfunction!(approx_content_tokens, m)?)?;
     Ok(())
 }
