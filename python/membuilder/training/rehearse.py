@@ -110,13 +110,24 @@ class Rehearsal:
 
 def hf_from_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """The GGUF as a Hugging Face model directory (transformers' GGUF loader dequantizes to F32)."""
+    import functools
+
+    import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (out_dir / "config.json").is_file():
         return out_dir
     kwargs = {"gguf_file": gguf_path.name}
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+    # transformers builds gguf's tensor-name map afresh for every submodule of the model (hundreds
+    # of times, pure Python): that was most of this stage, minutes on a busy CPU. The map depends
+    # only on (architecture, layer count) and is not modified, so it is built once here.
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+    finally:
+        gguf.get_tensor_name_map = original
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
