@@ -120,7 +120,7 @@ def hf_from_gguf(gguf_path: Path, out_dir: Path) -> Path:
     kwargs = {"gguf_file": gguf_path.name}
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
     # transformers builds gguf's tensor-name map afresh for every submodule of the model (hundreds
-    # of times, pure Python): that was most of this stage, minutes on a busy CPU. The map depends
+    # of times, pure Python; a stack sample of a slow run of this stage sat there). The map depends
     # only on (architecture, layer count) and is not modified, so it is built once here.
     original = gguf.get_tensor_name_map
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
