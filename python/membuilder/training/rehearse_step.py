@@ -163,11 +163,17 @@ def response_log_probs(
     model: Any, prompt_ids: Sequence[torch.Tensor], response_ids: Sequence[torch.Tensor], temperature: float
 ) -> list[torch.Tensor]:
     """The log-probability of every response token (one 1-D tensor per sample)."""
-    seq = sequence_log_probs(model, prompt_ids, response_ids, temperature)
-    out = []
-    for row, p, r in zip(seq.unbind(), prompt_ids, response_ids):
-        out.append(row[len(p) - 1 : len(p) - 1 + len(r)])
-    return out
+    return _response_rows(
+        sequence_log_probs(model, prompt_ids, response_ids, temperature), prompt_ids, response_ids
+    )
+
+
+def _response_rows(
+    seq: torch.Tensor, prompt_ids: Sequence[torch.Tensor], response_ids: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    return [
+        row[len(p) - 1 : len(p) - 1 + len(r)] for row, p, r in zip(seq.unbind(), prompt_ids, response_ids)
+    ]
 
 
 def weighted_advantages(batch: RolloutBatch, cfg: StepConfig | None = None) -> list[torch.Tensor]:
@@ -278,24 +284,24 @@ class AdrpoStep:
             weight_decay=self.cfg.weight_decay,
         )
 
-    def prepare(self, batch: RolloutBatch) -> tuple[Any, list[torch.Tensor]]:
-        """The loss TensorDict for ``batch`` (advantages, old and reference log-probs)."""
-        t = self.cfg.temperature
-        with torch.no_grad():
-            old = response_log_probs(self.policy, batch.prompt_ids, batch.response_ids, t)
-            ref = None
-            if self.cfg.kl_coef > 0:
-                ref = response_log_probs(self.reference, batch.prompt_ids, batch.response_ids, t)
-        adv = weighted_advantages(batch, self.cfg)
-        return build_loss_data(batch, adv, old, ref), adv
-
     def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any], Any, list[torch.Tensor]]:
-        """verl's loss on ``batch`` with gradients attached to the policy (no optimizer step)."""
-        data, adv = self.prepare(batch)
+        """verl's loss on ``batch`` with gradients attached to the policy (no optimizer step).
+
+        The old log-probs are the policy's own, detached, from the same forward pass: with one
+        PPO epoch of one mini-batch the policy has not moved between verl's ``compute_log_prob``
+        and the update, so a second forward would give the same numbers (this model has no
+        dropout) at the cost of a third of the step's compute on a CPU.
+        """
+        t = self.cfg.temperature
+        ref = None
+        if self.cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref = response_log_probs(self.reference, batch.prompt_ids, batch.response_ids, t)
         self.policy.train()
-        log_probs = sequence_log_probs(
-            self.policy, batch.prompt_ids, batch.response_ids, self.cfg.temperature
-        )
+        log_probs = sequence_log_probs(self.policy, batch.prompt_ids, batch.response_ids, t)
+        old = _response_rows(log_probs.detach(), batch.prompt_ids, batch.response_ids)
+        adv = weighted_advantages(batch, self.cfg)
+        data = build_loss_data(batch, adv, old, ref)
         loss, metrics = adrpo_loss(self.actor_cfg, log_probs, data)
         return loss, metrics, data, adv
 

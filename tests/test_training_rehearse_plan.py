@@ -1,0 +1,82 @@
+"""What ``membuilder rehearse`` picks and refuses before any model runs (no torch, no model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def _config(tmp_path, longmemeval_dir, **kw):
+    from membuilder.training.rehearse import RehearsalConfig
+
+    return RehearsalConfig(
+        output_dir=tmp_path,
+        longmemeval=longmemeval_dir / "longmemeval_oracle.json",
+        locomo=tmp_path / "unused.json",
+        split_file=longmemeval_dir / "longmemeval_splits.json",
+        **kw,
+    )
+
+
+def test_default_conversations_are_the_rl_ones_with_the_shortest_first_sessions(tmp_path, longmemeval_dir):
+    from membuilder.training.rehearse import _first_ids
+
+    split = json.loads((longmemeval_dir / "longmemeval_splits.json").read_text())["rl"]
+    items = json.loads((longmemeval_dir / "longmemeval_oracle.json").read_text())
+    for sessions in (1, 2):
+        chars = {
+            it["question_id"]: sum(len(t["content"]) for s in it["haystack_sessions"][:sessions] for t in s)
+            for it in items
+            if it["question_id"] in set(split)
+        }
+        picked = _first_ids(_config(tmp_path, longmemeval_dir, sessions=sessions))
+        assert len(picked) == 2 and set(picked) <= set(split)
+        others = [c for q, c in chars.items() if q not in picked]
+        assert max(chars[q] for q in picked) <= min(others)
+        assert chars[picked[0]] <= chars[picked[1]]
+
+
+def test_explicit_conversations_win(tmp_path, longmemeval_dir):
+    from membuilder.training.rehearse import _first_ids
+
+    cfg = _config(tmp_path, longmemeval_dir, conversations=("0100672e", "gpt4_31ff4165"))
+    assert _first_ids(cfg) == ["0100672e", "gpt4_31ff4165"]
+
+
+def test_a_missing_data_file_is_one_line_and_exit_2(tmp_path, capsys):
+    from membuilder.cli import main
+
+    missing = tmp_path / "nope.json"
+    argv = ["rehearse", "--output-dir", str(tmp_path / "out"), "--longmemeval", str(missing)]
+    argv += ["--locomo", str(missing)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{missing}: --longmemeval file not found"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_commands_it_runs_get_its_timeout_and_the_environment_is_restored(monkeypatch):
+    """``$MEMBUILDER_LLM_TIMEOUT`` is the clients' default timeout; an explicit one still wins."""
+    import os
+
+    from membuilder._core import InvalidArgumentError
+    from membuilder.llm.client import TIMEOUT_ENV, LLMConfig
+    from membuilder.training import rehearse
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert LLMConfig(model="m").timeout == 120.0
+    seen = []
+
+    def fake_main(argv):
+        seen.append(LLMConfig.from_env_and_args("compatible", "http://127.0.0.1:1/v1", None, "m").timeout)
+        seen.append(LLMConfig(model="m", timeout=7.0).timeout)
+        return 0
+
+    monkeypatch.setattr("membuilder.cli.main", fake_main)
+    rehearse._cli(["qa-gen"])
+    assert seen == [float(rehearse.COMMAND_TIMEOUT_S), 7.0]
+    assert TIMEOUT_ENV not in os.environ
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    with pytest.raises(InvalidArgumentError, match=TIMEOUT_ENV):
+        LLMConfig(model="m")
