@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 
 def _config(tmp_path, longmemeval_dir, **kw):
     from membuilder.training.rehearse import RehearsalConfig
@@ -56,27 +54,18 @@ def test_a_missing_data_file_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_commands_it_runs_get_its_timeout_and_the_environment_is_restored(monkeypatch):
-    """``$MEMBUILDER_LLM_TIMEOUT`` is the clients' default timeout; an explicit one still wins."""
-    import os
-
-    from membuilder._core import InvalidArgumentError
-    from membuilder.llm.client import TIMEOUT_ENV, LLMConfig
+def test_every_model_call_it_makes_through_the_commands_gets_its_timeout(
+    tmp_path, longmemeval_dir, monkeypatch
+):
+    """The data commands talk to a slow local model: each gets ``--timeout`` through the shared
+    endpoint flags, parsed by the command's own parser; the exports call no model."""
+    from membuilder.cli import build_parser
     from membuilder.training import rehearse
 
-    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
-    assert LLMConfig(model="m").timeout == 120.0
-    seen = []
-
-    def fake_main(argv):
-        seen.append(LLMConfig.from_env_and_args("compatible", "http://127.0.0.1:1/v1", None, "m").timeout)
-        seen.append(LLMConfig(model="m", timeout=7.0).timeout)
-        return 0
-
-    monkeypatch.setattr("membuilder.cli.main", fake_main)
-    rehearse._cli(["qa-gen"])
-    assert seen == [float(rehearse.COMMAND_TIMEOUT_S), 7.0]
-    assert TIMEOUT_ENV not in os.environ
-    monkeypatch.setenv(TIMEOUT_ENV, "soon")
-    with pytest.raises(InvalidArgumentError, match=TIMEOUT_ENV):
-        LLMConfig(model="m")
+    seen: list[list[str]] = []
+    monkeypatch.setattr("membuilder.cli.main", lambda argv: seen.append(argv) or 0)
+    r = rehearse.Rehearsal(_config(tmp_path, longmemeval_dir))
+    rehearse.make_data(r, "http://127.0.0.1:1/v1", "smol", tmp_path)
+    assert [argv[0] for argv in seen] == ["trajectories", "qa-gen", "export-sft", "export-rl"]
+    for argv in seen[:2]:
+        assert build_parser(argv[0]).parse_args(argv).timeout == float(rehearse.COMMAND_TIMEOUT_S)

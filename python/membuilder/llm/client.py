@@ -53,19 +53,6 @@ OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _JSON_MODE_REFUSED = (400, 422)
 
 
-TIMEOUT_ENV = "MEMBUILDER_LLM_TIMEOUT"
-
-
-def _default_timeout() -> float:
-    value = os.environ.get(TIMEOUT_ENV)
-    if not value:
-        return 120.0
-    try:
-        return float(value)
-    except ValueError:
-        raise InvalidArgumentError(f"${TIMEOUT_ENV} must be a number of seconds, got {value!r}") from None
-
-
 @dataclass(frozen=True)
 class LLMConfig:
     """Where and how to call a chat model.
@@ -80,9 +67,7 @@ class LLMConfig:
         max_concurrency: requests in flight at once to this endpoint+key, shared by every client of
             the process (the first client to use an endpoint fixes the limit), >= 1.
         max_retries: retries after the first attempt, >= 0.
-        timeout: seconds per attempt (connect + read), > 0. Default: ``$MEMBUILDER_LLM_TIMEOUT``
-            when set (how ``membuilder rehearse`` gives the commands it runs in-process a small
-            model on a busy CPU), else 120.
+        timeout: seconds per attempt (connect + read), > 0 (the commands' ``--timeout``).
         cache_dir: directory of the response cache; ``None`` disables caching.
         prices: ``{model: (input, output)}`` USD per 1M tokens, overriding the built-in table.
         backoff_base, backoff_cap: exponential backoff parameters in seconds (see ``retry``).
@@ -103,7 +88,7 @@ class LLMConfig:
     provider: str = "openai"
     max_concurrency: int = 16
     max_retries: int = 6
-    timeout: float = field(default_factory=lambda: _default_timeout())
+    timeout: float = 120.0
     cache_dir: Path | None = None
     prices: dict | None = None
     backoff_base: float = 0.5

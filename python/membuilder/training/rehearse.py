@@ -198,7 +198,7 @@ def gguf_from_hf(model_dir: Path, template: Path, out_path: Path) -> Path:
 # -- 3. data -------------------------------------------------------------------------------------
 
 
-# The commands' clients wait this long for one request (their default is 120 s): on a CPU shared
+# The commands' clients wait this long for one request (`--timeout`; their default is 120 s): on a CPU shared
 # with other work a 1,200-token agent prompt took over 3 minutes, and a retry after a timeout only
 # queues behind the abandoned request, which the engine still finishes.
 COMMAND_TIMEOUT_S = 1800
@@ -206,16 +206,9 @@ COMMAND_TIMEOUT_S = 1800
 
 def _cli(argv: list[str]) -> None:
     from membuilder.cli import main
-    from membuilder.llm.client import TIMEOUT_ENV
 
     logger.info("rehearse: membuilder %s", " ".join(argv))
-    before = os.environ.get(TIMEOUT_ENV)
-    os.environ[TIMEOUT_ENV] = before or str(COMMAND_TIMEOUT_S)
-    try:
-        rc = main(argv)
-    finally:
-        if before is None:
-            os.environ.pop(TIMEOUT_ENV, None)
+    rc = main(argv)
     if rc != 0:
         raise RuntimeError(f"`membuilder {argv[0]}` exited with status {rc}")
 
@@ -252,7 +245,7 @@ def make_data(r: Rehearsal, base_url: str, model_name: str, tokenizer_dir: Path)
     # One request in flight: the engine decodes on one thread, and time a request waits in the
     # server's queue counts against the client's 120-second timeout.
     endpoint = ["--provider", "compatible", "--base-url", base_url, "--api-key", "EMPTY"]
-    endpoint += ["--max-concurrency", "1"]
+    endpoint += ["--max-concurrency", "1", "--timeout", str(COMMAND_TIMEOUT_S)]
     traj = r.out / "traj"
     argv = ["trajectories", "--dataset", "longmemeval", "--data-path", str(cfg.longmemeval)]
     if cfg.split_file is not None:
@@ -532,6 +525,7 @@ def run_eval(r: Rehearsal, policy_gguf: Path, base_url: str, base_name: str) -> 
                 policy_server.base_url,
             ]
             + ["--api-key", "EMPTY", "--model", "membuilder-rehearsal", "--output-dir", str(build_dir)]
+            + ["--timeout", str(COMMAND_TIMEOUT_S)]
         )
         r.notes["policy_server_requests"] = policy_server.requests
     _cli(
@@ -548,7 +542,7 @@ def run_eval(r: Rehearsal, policy_gguf: Path, base_url: str, base_name: str) -> 
             "EMPTY",
         ]
         + ["--model", base_name, "--answer-model", base_name, "--judge-model", base_name]
-        + ["--questions", "5", "--output-dir", str(answer_dir)]
+        + ["--questions", "5", "--output-dir", str(answer_dir), "--timeout", str(COMMAND_TIMEOUT_S)]
     )
     found = {}
     for p in sorted(answer_dir.rglob("*.json")):
