@@ -18,6 +18,7 @@ import openai
 
 from membuilder._core import InvalidArgumentError
 from membuilder.embed.base import as_text_list, l2_normalize
+from membuilder.endpoint import EMBEDDINGS_BASE_URL_ENV, EMBEDDINGS_KEY_ENV
 from membuilder.llm._loops import PerLoop
 from membuilder.llm.retry import (
     MalformedResponse,
@@ -97,14 +98,12 @@ class OpenAIEmbedder:
             raise InvalidArgumentError(f"timeout must be > 0 seconds, got {timeout!r}")
         # OPENAI_EMBEDDINGS_* first: chat may go to a vLLM server that serves no embeddings while
         # the embeddings come from an API (the reference code reads the same two variables).
-        env_url = os.environ.get("OPENAI_EMBEDDINGS_BASE_URL") or None
+        env_url = os.environ.get(EMBEDDINGS_BASE_URL_ENV) or None
         if base_url is None and env_url is not None:
             base_url = env_url
-            api_key = api_key or os.environ.get("OPENAI_EMBEDDINGS_API_KEY") or "EMPTY"
+            api_key = api_key or os.environ.get(EMBEDDINGS_KEY_ENV) or "EMPTY"
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        api_key = (
-            api_key or os.environ.get("OPENAI_EMBEDDINGS_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
-        )
+        api_key = api_key or os.environ.get(EMBEDDINGS_KEY_ENV) or os.environ.get("OPENAI_API_KEY") or None
         if api_key is None:
             if base_url is None:
                 raise InvalidArgumentError(
