@@ -9,7 +9,7 @@ use membuilder_core::kinds::{Agent, BankKind};
 use membuilder_core::UpdateMode;
 use numpy::{PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::{PyDict, PyIterator, PyString};
 
 use crate::errors::invalid_argument;
 
@@ -69,23 +69,30 @@ pub fn agents_from_seq(py: Python<'_>, agents: &Bound<'_, PyAny>) -> PyResult<Ve
     Ok(out)
 }
 
-/// Raw outputs from a Python sequence (lossy, see [`text_lossy`]).
-pub fn texts_from_seq(
-    py: Python<'_>,
-    raws: &Bound<'_, PyAny>,
+/// The items of a sequence meant to hold `str`; a lone `str` (itself iterable) is refused.
+fn str_sequence<'py>(
+    py: Python<'py>,
+    raws: &Bound<'py, PyAny>,
     what: &str,
-) -> PyResult<Vec<String>> {
+) -> PyResult<Bound<'py, PyIterator>> {
     if raws.is_instance_of::<PyString>() {
         return Err(invalid_argument(
             py,
             format!("{what} must be a sequence of str, not a single str"),
         ));
     }
+    raws.try_iter()
+        .map_err(|_| invalid_argument(py, format!("{what} must be a sequence of str")))
+}
+
+/// Raw outputs from a Python sequence (lossy, see [`text_lossy`]).
+pub fn texts_from_seq(
+    py: Python<'_>,
+    raws: &Bound<'_, PyAny>,
+    what: &str,
+) -> PyResult<Vec<String>> {
     let mut out = Vec::new();
-    for item in raws
-        .try_iter()
-        .map_err(|_| invalid_argument(py, format!("{what} must be a sequence of str")))?
-    {
+    for item in str_sequence(py, raws, what)? {
         out.push(text_lossy(py, &item?, what)?);
     }
     Ok(out)
@@ -98,17 +105,8 @@ pub fn str_objects<'py>(
     raws: &Bound<'py, PyAny>,
     what: &str,
 ) -> PyResult<Vec<Bound<'py, PyString>>> {
-    if raws.is_instance_of::<PyString>() {
-        return Err(invalid_argument(
-            py,
-            format!("{what} must be a sequence of str, not a single str"),
-        ));
-    }
     let mut out = Vec::new();
-    for item in raws
-        .try_iter()
-        .map_err(|_| invalid_argument(py, format!("{what} must be a sequence of str")))?
-    {
+    for item in str_sequence(py, raws, what)? {
         let item = item?;
         match item.cast_into::<PyString>() {
             Ok(s) => out.push(s),
