@@ -23,7 +23,16 @@ def _walk(node, path="$"):
 
 
 @pytest.mark.parametrize(
-    "tag", ["agent:core", "agent:episodic", "agent:semantic", "agent:procedural", "judge", "compress:core"]
+    "tag",
+    [
+        "agent:core",
+        "agent:episodic",
+        "agent:semantic",
+        "agent:procedural",
+        "judge",
+        "compress:core",
+        "qa-gen",
+    ],
 )
 def test_constraining_schemas_are_bounded(tag):
     schema = json_schema_for_tag(tag)
@@ -50,6 +59,63 @@ def test_schema_actions_follow_each_agents_action_space():
     # a large core limit is still capped to what the grammar engine survives
     big = json_schema_for_tag("compress:core", core_limit=5000)
     assert big["properties"]["content"]["maxLength"] == GRAMMAR_MAX_STRING
+
+
+def test_qa_gen_schema_is_the_shape_the_qa_validator_keeps():
+    from membuilder.data.qagen import QA_TAG, validate_items
+    from membuilder.data.schemas import QA_TYPES
+
+    schema = json_schema_for_tag(QA_TAG)
+    item = schema["properties"]["questions"]["items"]
+    assert item["properties"]["type"]["enum"] == list(QA_TYPES)
+    assert set(item["required"]) == set(item["properties"])
+    reply = {
+        "questions": [
+            {
+                "question": "Where did I fly in May?",
+                "answer": "Lisbon",
+                "type": QA_TYPES[0],
+                "evidence": ["3"],
+            }
+        ]
+    }
+    valid, rejected, problem = validate_items(json.dumps(reply), n=2, seen=set())
+    assert (len(valid), rejected, problem) == (1, [], None)
+
+
+class _RecordingEngine:
+    def __init__(self):
+        self.requests = []
+
+    def handle_chat_completions(self, request):
+        self.requests.append(request)
+        return {"choices": [{"message": {"role": "assistant", "content": "{}"}}], "usage": {}}
+
+
+@pytest.fixture
+def recording_server(tmp_path):
+    from membuilder.llm.local_server import LocalModelServer
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    server = LocalModelServer(gguf, max_tokens_cap=64)
+    server._engine = _RecordingEngine()  # what complete() hands the engine, without loading a model
+    return server
+
+
+def test_server_bounds_a_json_mode_call_by_its_tags_schema(recording_server):
+    body = {"model": "x", "messages": [], "response_format": {"type": "json_object"}, "max_tokens": 999}
+    recording_server.complete(body, "qa-gen")
+    sent = recording_server._engine.requests[-1]
+    assert sent["response_format"] == {"type": "json_object", "schema": json_schema_for_tag("qa-gen")}
+    assert sent["max_tokens"] == 64
+    # no tag with a schema: a generic JSON object, as any server gives
+    recording_server.complete(body, "answer")
+    assert recording_server._engine.requests[-1]["response_format"] == {"type": "json_object"}
+    # the client's own schema wins over the tag's
+    own = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}}}
+    recording_server.complete({**body, "response_format": own}, "qa-gen")
+    assert recording_server._engine.requests[-1]["response_format"] == own
 
 
 @pytest.mark.slow

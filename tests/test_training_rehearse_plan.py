@@ -69,3 +69,23 @@ def test_every_model_call_it_makes_through_the_commands_gets_its_timeout(
     assert [argv[0] for argv in seen] == ["trajectories", "qa-gen", "export-sft", "export-rl"]
     for argv in seen[:2]:
         assert build_parser(argv[0]).parse_args(argv).timeout == float(rehearse.COMMAND_TIMEOUT_S)
+
+
+def test_a_failed_stage_is_reported_failed_not_done(tmp_path, longmemeval_dir):
+    import pytest
+    from membuilder.training.rehearse import Rehearsal, write_report
+
+    r = Rehearsal(_config(tmp_path, longmemeval_dir))
+    r.timed("data", lambda: None)
+
+    def boom():
+        raise RuntimeError("no RL rows")
+
+    with pytest.raises(RuntimeError):
+        r.timed("adrpo", boom)
+    assert r.failed == {"adrpo": "RuntimeError: no RL rows"}
+    assert set(r.timings) == {"data", "adrpo"}
+    pytest.importorskip("matplotlib")
+    text = write_report(r).read_text()
+    assert "| data |" in text and "| done |" in text.split("| data |")[1].splitlines()[0]
+    assert "FAILED: RuntimeError: no RL rows" in text.split("| adrpo |")[1].splitlines()[0]

@@ -49,6 +49,12 @@ MAX_OPERATIONS = 8
 MAX_MEMORY_CHARS = 400
 MAX_OLD_MEMORIES = 5
 MAX_CORE_CHARS = 1000
+# qa-gen: the prompt asks for short gold answers; tighter than the validator's 400 characters so
+# that a reply of a few questions fits a served max_tokens of a few hundred (a 135M model given
+# 400 characters wrote sentences and was cut off mid-JSON). 5 items: the paper's questions per session.
+MAX_QA_QUESTION_CHARS = 200
+MAX_QA_ANSWER_CHARS = 100
+MAX_QA_ITEMS = 5
 # llama.cpp's GBNF conversion unrolls a bounded string into one rule per character; from about
 # 1,024 characters on, sampling with that grammar crashed the process (measured with
 # llama-cpp-python 0.3.36). xllamacpp routes JSON schemas through LLGuidance instead, but the bound
@@ -145,6 +151,28 @@ def json_schema_for_tag(tag: str | None, *, core_limit: int = MAX_CORE_CHARS) ->
             "type": "object",
             "properties": {"label": {"enum": ["CORRECT", "WRONG"]}},
             "required": ["label"],
+            "additionalProperties": False,
+        }
+    if tag == "qa-gen":  # membuilder.data.qagen.QA_TAG; its validator takes this shape
+        from membuilder.data.schemas import QA_TYPES
+
+        item = {
+            "type": "object",
+            "properties": {
+                "question": _string(MAX_QA_QUESTION_CHARS),
+                "answer": _string(MAX_QA_ANSWER_CHARS),
+                "type": {"enum": list(QA_TYPES)},
+                "evidence": {"type": "array", "items": _string(20), "maxItems": 4},
+            },
+            "required": ["question", "answer", "type", "evidence"],
+            "additionalProperties": False,
+        }
+        return {
+            "type": "object",
+            "properties": {
+                "questions": {"type": "array", "items": item, "minItems": 1, "maxItems": MAX_QA_ITEMS}
+            },
+            "required": ["questions"],
             "additionalProperties": False,
         }
     if tag == "compress:core":

@@ -7,7 +7,10 @@ front and one thing a stock server cannot know: which bounded JSON schema to app
 names each call in the ``X-Membuilder-Call`` header (``agent:episodic``, ``judge``, ...); a request
 that asks for ``response_format={"type": "json_object"}`` gets that call's bounded schema
 (:func:`membuilder.llm.local.json_schema_for_tag`), so a small model can neither emit invalid JSON
-nor ramble until its context is full. ``max_tokens`` is capped at ``max_tokens_cap``.
+nor ramble until its context is full (``qa-gen`` included: unbounded, SmolLM2-135M wrote objects
+that its validator rejected, so the rehearsal had no questions). A request's own
+``{"type": "json_schema", ...}`` goes to llama.cpp unchanged, which applies it. ``max_tokens`` is
+capped at ``max_tokens_cap``.
 
 Endpoints: ``POST /v1/chat/completions`` (no streaming), ``GET /v1/models``, ``GET /health``.
 """

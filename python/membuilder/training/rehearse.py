@@ -78,6 +78,7 @@ class RehearsalConfig:
     server_threads: int = 1
     seed: int = 0
     served_max_tokens: int = 256
+    resume: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -90,6 +91,8 @@ class Rehearsal:
     steps: list[dict[str, Any]] = field(default_factory=list)
     sft_losses: list[float] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+    #: stage -> the error that ended it; the report marks these stages failed, never done.
+    failed: dict[str, str] = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
@@ -99,10 +102,15 @@ class Rehearsal:
         started = time.perf_counter()
         logger.info("rehearse: %s ...", stage)
         try:
-            return fn()
-        finally:
+            out = fn()
+        except BaseException as exc:
             self.timings[stage] = round(time.perf_counter() - started, 1)
-            logger.info("rehearse: %s done in %.1f s", stage, self.timings[stage])
+            self.failed[stage] = f"{type(exc).__name__}: {exc}"
+            logger.info("rehearse: %s FAILED after %.1f s: %s", stage, self.timings[stage], exc)
+            raise
+        self.timings[stage] = round(time.perf_counter() - started, 1)
+        logger.info("rehearse: %s done in %.1f s", stage, self.timings[stage])
+        return out
 
 
 # -- 1. model ------------------------------------------------------------------------------------
@@ -316,6 +324,10 @@ def run_sft(r: Rehearsal, base_dir: Path, sft_file: Path) -> Path:
 
     cfg = r.config
     out = r.out / "sft" / "model"
+    if r.config.resume and (out / "config.json").is_file():
+        # --resume: the SFT data depends on the trajectories only, which a rerun keeps
+        r.notes["sft"] = f"reused {out} (--resume)"
+        return out
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     samples = json.loads(sft_file.read_text())
     feats = [f for s in samples if (f := _sft_features(s, tok, cfg.max_prompt_tokens + cfg.max_new_tokens))]
@@ -410,6 +422,10 @@ def run_adrpo(r: Rehearsal, sft_dir: Path, parquet: Path, base_url: str, model_n
             prompts.append((f"{gt.conversation_id}/{gt.session_index}/{gt.agent}", torch.tensor(ids), gt))
     r.notes["rl_rows"] = len(rows)
     r.notes["rl_prompts_fitting"] = len(prompts)
+    if not rows:
+        raise RuntimeError(
+            f"{parquet}: no RL rows (export-rl drops sessions without QA; see qa-gen's output)"
+        )
     if not prompts:
         raise RuntimeError(f"{parquet}: no prompt fits {cfg.max_prompt_tokens} tokens")
     if cfg.pairing == "joint":
@@ -609,8 +625,18 @@ def write_report(r: Rehearsal) -> Path:
         fig.tight_layout()
         fig.savefig(png, dpi=90)
         plt.close(fig)
-    lines = ["# membuilder rehearsal", "", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in r.timings.items()]
+    lines = [
+        "# membuilder rehearsal",
+        "",
+        "## Time per stage",
+        "",
+        "| stage | seconds | status |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {v} | {'FAILED: ' + r.failed[k] if k in r.failed else 'done'} |"
+        for k, v in r.timings.items()
+    ]
     lines += ["", "## ADRPO steps", ""]
     if steps:
         lines += ["![curves](report.png)", ""]
@@ -717,6 +743,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="llama.cpp threads of the served model (default 1: on a CPU shared with other work, "
         "2 threads were up to 30x slower than 1)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse what a previous run in --output-dir left: the converted model and the "
+        "trajectories always are; with --resume the SFT checkpoint is too",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -751,6 +783,7 @@ def run(args: argparse.Namespace) -> int:
         judge=args.judge,
         threads=args.threads,
         server_threads=args.server_threads,
+        resume=args.resume,
     )
     r = rehearse(cfg)
     print(f"report: {r.out / 'report.md'}")
