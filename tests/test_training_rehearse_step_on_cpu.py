@@ -234,3 +234,28 @@ def test_every_sample_masked_is_a_skipped_step():
     m = step.step(_batch([0.0, 0.0], [0.0, 0.0], [False, False], n=2))
     assert m.skipped == "every sample has weight 0" and m.trained_samples == 0
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_micro_batches_accumulate_the_whole_batchs_gradient(micro):
+    """verl's micro-batching: each part normalised by the whole batch's tokens, gradients summed."""
+    from membuilder.training.rehearse_step import AdrpoStep, StepConfig
+
+    rewards = [1.0, 0.0, 0.5, 0.25, 0.9, 0.1, 0.0, 0.6]
+    weights = [4.0, 4.0, 0.0, 4.0, 1.0, 1.0, 1.0, 0.0]
+    batch = _batch(rewards, weights, [w != 0 for w in weights])
+    ref = tiny_smollm2(seed=5)
+    runs = {}
+    for size in (0, micro):
+        policy = tiny_smollm2()
+        step = AdrpoStep(policy, ref, StepConfig(kl_coef=0.3, micro_batch_size=size, grad_clip=1e9))
+        step.optimizer.step = lambda: None  # compare the accumulated gradients, not AdamW's update
+        runs[size] = (step.step(batch), _grads(policy))
+    (whole, g_whole), (parts, g_parts) = runs[0], runs[micro]
+    assert parts.trained_samples == whole.trained_samples == 6
+    assert parts.loss == pytest.approx(whole.loss, rel=1e-5, abs=1e-7)
+    assert parts.kl == pytest.approx(whole.kl, rel=1e-5) and parts.kl > 0
+    assert parts.grad_norm == pytest.approx(whole.grad_norm, rel=1e-5)
+    assert set(g_parts) == set(g_whole)
+    for name in g_whole:
+        torch.testing.assert_close(g_parts[name], g_whole[name], rtol=1e-4, atol=1e-7)

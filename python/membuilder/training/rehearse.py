@@ -65,6 +65,7 @@ class RehearsalConfig:
     adrpo_steps: int = 3
     prompts_per_step: int = 2
     rollouts: int = 4
+    micro_batch_size: int = 1  # sequences per forward/backward in the ADRPO step (peak memory)
     temperature: float = 0.8
     top_p: float = 0.9
     max_prompt_tokens: int = 3072
@@ -394,7 +395,11 @@ def run_adrpo(r: Rehearsal, sft_dir: Path, parquet: Path, base_url: str, model_n
     policy = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=torch.float32)
     step = AdrpoStep(
-        policy, reference, StepConfig(lr=cfg.lr, kl_coef=cfg.kl_coef, temperature=cfg.temperature)
+        policy,
+        reference,
+        StepConfig(
+            lr=cfg.lr, kl_coef=cfg.kl_coef, temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size
+        ),
     )
     scorer = RewardScorer(
         ScorerConfig(
@@ -728,6 +733,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adrpo-steps", type=int, default=3, help="K")
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--rollouts", type=int, default=4, help="n rollouts per prompt")
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=1,
+        help="sequences per forward/backward of the ADRPO step (verl's ppo_micro_batch_size_per_gpu; "
+        "the update is the same at any size, peak memory is not: ~2 GB per 1.5k-token sequence)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--max-prompt-tokens", type=int, default=3072)
     parser.add_argument("--lr", type=float, default=1e-6)
@@ -774,6 +786,7 @@ def run(args: argparse.Namespace) -> int:
         adrpo_steps=args.adrpo_steps,
         prompts_per_step=args.prompts_per_step,
         rollouts=args.rollouts,
+        micro_batch_size=args.micro_batch_size,
         max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
         lr=args.lr,

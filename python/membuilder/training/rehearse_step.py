@@ -51,6 +51,11 @@ class StepConfig:
     weight_decay: float = 0.01
     temperature: float = 0.8  # the rollout temperature; verl divides logits by it for log-probs
     norm_adv_by_std: bool = True
+    # Sequences per forward/backward pass (verl's ``ppo_micro_batch_size_per_gpu``; 0: the whole
+    # batch at once). Gradients accumulate over the micro-batches, each loss normalised by the whole
+    # batch's token count as verl's engine does, so the update is the same at any size; what changes
+    # is peak memory (a 1.5k-token sequence of a 135M model holds ~2 GB of activations).
+    micro_batch_size: int = 1
 
 
 @dataclass
@@ -80,6 +85,22 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
+
+    def select(self, idx: Sequence[int]) -> RolloutBatch:
+        """The samples at ``idx``, in that order (a micro-batch)."""
+        return RolloutBatch(
+            [self.prompt_ids[i] for i in idx],
+            [self.response_ids[i] for i in idx],
+            [self.uids[i] for i in idx],
+            [self.rewards[i] for i in idx],
+            [self.weights[i] for i in idx],
+            None if self.valid is None else [self.valid[i] for i in idx],
+        )
+
+    def trained_counts(self) -> tuple[int, int]:
+        """(response tokens, samples) of the samples with a non-zero weight: the loss's denominators."""
+        keep = [i for i, w in enumerate(self.weights) if w != 0]
+        return sum(len(self.response_ids[i]) for i in keep), len(keep)
 
     @property
     def is_valid(self) -> np.ndarray:
@@ -138,24 +159,29 @@ def sequence_log_probs(
     """Per-position log-probability of the next token, one jagged row per prompt+response sequence.
 
     This is the layout verl's engine hands ``ppo_loss`` (``model_output["log_probs"]``): position t
-    holds log p(token t+1 | tokens ≤ t) under logits / temperature (the last position wraps around
-    and is never read). Sequences are right-padded into one forward pass.
+    holds log p(token t+1 | tokens ≤ t) under logits / temperature. Sequences are right-padded into
+    one forward pass. Only the positions from the batch's first response token on get logits
+    (``logits_to_keep``): the vocabulary projection of a ~1.5k-token prompt is most of the memory a
+    forward takes (49k-way logits per position), and verl reads only the response positions
+    (``no_padding_2_padding``), so the positions before them hold 0 and never reach the loss.
     """
     seqs = [torch.cat([p, r]).long() for p, r in zip(prompt_ids, response_ids)]
     lens = [len(s) for s in seqs]
     width = max(lens)
+    first = min(len(p) for p in prompt_ids) - 1  # the first position whose next token is a response token
     pad = 0
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = s
         mask[i, : len(s)] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
-    nxt = torch.roll(ids, shifts=-1, dims=1)
+    nxt = torch.roll(ids, shifts=-1, dims=1)[:, first:]
     tok = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+    tok = torch.cat([tok.new_zeros((len(seqs), first)), tok], dim=1)
     return _nested([tok[i, : lens[i]] for i in range(len(seqs))])
 
 
@@ -210,11 +236,15 @@ def build_loss_data(
     advantages: Sequence[torch.Tensor],
     old_log_probs: Sequence[torch.Tensor],
     ref_log_probs: Sequence[torch.Tensor] | None,
+    *,
+    batch_num_tokens: int | None = None,
+    global_batch_size: int | None = None,
 ) -> Any:
-    """The TensorDict verl's engine passes to ``ppo_loss`` for one micro-batch (= the whole batch).
+    """The TensorDict verl's engine passes to ``ppo_loss`` for one micro-batch.
 
     Samples with weight 0 get an all-zero response mask: no policy term, no KL term, and no tokens
-    in the token-mean's count.
+    in the token-mean's count. ``batch_num_tokens`` / ``global_batch_size`` are the whole batch's
+    trained tokens and samples when ``batch`` is one micro-batch of it (default: this batch's own).
     """
     from verl.utils import tensordict_utils as tu
 
@@ -232,13 +262,16 @@ def build_loss_data(
     }
     if ref_log_probs is not None:
         fields["ref_log_prob"] = _nested([t.detach().float() for t in ref_log_probs])
-    trained_tokens = int(sum(int(m.sum()) for m in masks))
+    if batch_num_tokens is None:
+        batch_num_tokens = int(sum(int(m.sum()) for m in masks))
+    if global_batch_size is None:
+        global_batch_size = int((weights != 0).sum())
     return tu.get_tensordict(
         fields,
         non_tensor_dict={
             "dp_size": 1,
-            "batch_num_tokens": trained_tokens,
-            "global_batch_size": int((weights != 0).sum()),
+            "batch_num_tokens": batch_num_tokens,
+            "global_batch_size": global_batch_size,
         },
     )
 
@@ -284,28 +317,48 @@ class AdrpoStep:
             weight_decay=self.cfg.weight_decay,
         )
 
+    def _loss_on(
+        self, batch: RolloutBatch, advantages: Sequence[torch.Tensor], idx: Sequence[int], counts: tuple[int, int]
+    ) -> tuple[torch.Tensor, dict[str, Any], Any]:
+        """verl's ``ppo_loss`` on the samples ``idx`` of ``batch``, normalised by the whole batch's ``counts``."""
+        sub = batch.select(idx)
+        t = self.cfg.temperature
+        ref = None
+        if self.cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref = response_log_probs(self.reference, sub.prompt_ids, sub.response_ids, t)
+        log_probs = sequence_log_probs(self.policy, sub.prompt_ids, sub.response_ids, t)
+        old = _response_rows(log_probs.detach(), sub.prompt_ids, sub.response_ids)
+        data = build_loss_data(
+            sub,
+            [advantages[i] for i in idx],
+            old,
+            ref,
+            batch_num_tokens=counts[0],
+            global_batch_size=counts[1],
+        )
+        loss, metrics = adrpo_loss(self.actor_cfg, log_probs, data)
+        return loss, metrics, data
+
     def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any], Any, list[torch.Tensor]]:
-        """verl's loss on ``batch`` with gradients attached to the policy (no optimizer step).
+        """verl's loss on the whole ``batch`` in one pass, gradients attached (no optimizer step).
 
         The old log-probs are the policy's own, detached, from the same forward pass: with one
         PPO epoch of one mini-batch the policy has not moved between verl's ``compute_log_prob``
         and the update, so a second forward would give the same numbers (this model has no
         dropout) at the cost of a third of the step's compute on a CPU.
         """
-        t = self.cfg.temperature
-        ref = None
-        if self.cfg.kl_coef > 0:
-            with torch.no_grad():
-                ref = response_log_probs(self.reference, batch.prompt_ids, batch.response_ids, t)
         self.policy.train()
-        log_probs = sequence_log_probs(self.policy, batch.prompt_ids, batch.response_ids, t)
-        old = _response_rows(log_probs.detach(), batch.prompt_ids, batch.response_ids)
         adv = weighted_advantages(batch, self.cfg)
-        data = build_loss_data(batch, adv, old, ref)
-        loss, metrics = adrpo_loss(self.actor_cfg, log_probs, data)
+        loss, metrics, data = self._loss_on(batch, adv, range(len(batch)), batch.trained_counts())
         return loss, metrics, data, adv
 
     def step(self, batch: RolloutBatch) -> StepMetrics:
+        """One update: advantages over the whole batch, loss and backward per micro-batch, AdamW.
+
+        Weight-0 samples are left out of the micro-batches: their loss mask is all zero, so they
+        would add exactly nothing (``test_weight_zero_samples_contribute_exactly_zero_gradient``).
+        """
         weights = np.asarray(batch.weights, dtype=np.float64)
         masked = int((weights == 0).sum())
         if masked == len(batch):
@@ -315,8 +368,23 @@ class AdrpoStep:
                 advantages=[0.0] * len(batch), skipped="every sample has weight 0",
             )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
-        loss, metrics, data, adv = self.loss(batch)
-        loss.backward()
+        self.policy.train()
+        adv = weighted_advantages(batch, self.cfg)
+        counts = batch.trained_counts()
+        trained = [i for i in range(len(batch)) if weights[i] != 0]
+        size = self.cfg.micro_batch_size if self.cfg.micro_batch_size > 0 else len(trained)
+        loss = pg_loss = kl = 0.0
+        clipfrac: list[float] = []
+        ppo_kl: list[float] = []
+        for start in range(0, len(trained), size):
+            part, metrics, _data = self._loss_on(batch, adv, trained[start : start + size], counts)
+            part.backward()
+            # verl sums the normalised micro-batch terms (loss, pg_loss, kl_loss) and averages the rest
+            loss += float(part.detach())
+            pg_loss += _metric_value(metrics["actor/pg_loss"])
+            kl += _metric_value(metrics["kl_loss"]) if "kl_loss" in metrics else 0.0
+            clipfrac.append(_metric_value(metrics.get("actor/pg_clipfrac", 0.0)))
+            ppo_kl.append(_metric_value(metrics.get("actor/ppo_kl", 0.0)))
         params = [p for p in self.policy.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         if not math.isfinite(grad_norm):
@@ -325,17 +393,16 @@ class AdrpoStep:
         else:
             self.optimizer.step()
             skipped = None
-        kl = _metric_value(metrics["kl_loss"]) if "kl_loss" in metrics else 0.0
         return StepMetrics(
-            loss=float(loss.detach()),
-            pg_loss=_metric_value(metrics["actor/pg_loss"]),
+            loss=loss,
+            pg_loss=pg_loss,
             kl=kl,
             grad_norm=grad_norm,
-            pg_clipfrac=_metric_value(metrics.get("actor/pg_clipfrac", 0.0)),
-            ppo_kl=_metric_value(metrics.get("actor/ppo_kl", 0.0)),
-            trained_samples=len(batch) - masked,
+            pg_clipfrac=float(np.mean(clipfrac)),
+            ppo_kl=float(np.mean(ppo_kl)),
+            trained_samples=len(trained),
             masked_samples=masked,
-            trained_tokens=int(data["batch_num_tokens"]),
+            trained_tokens=counts[0],
             advantages=[float(a[-1]) for a in adv],
             skipped=skipped,
         )
