@@ -318,7 +318,11 @@ class AdrpoStep:
         )
 
     def _loss_on(
-        self, batch: RolloutBatch, advantages: Sequence[torch.Tensor], idx: Sequence[int], counts: tuple[int, int]
+        self,
+        batch: RolloutBatch,
+        advantages: Sequence[torch.Tensor],
+        idx: Sequence[int],
+        counts: tuple[int, int],
     ) -> tuple[torch.Tensor, dict[str, Any], Any]:
         """verl's ``ppo_loss`` on the samples ``idx`` of ``batch``, normalised by the whole batch's ``counts``."""
         sub = batch.select(idx)
