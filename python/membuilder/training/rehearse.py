@@ -15,7 +15,7 @@ From nothing to an evaluated trained model, offline (needs ``[local]``, ``llm-sm
    trains), saved as a Hugging Face checkpoint;
 5. **ADRPO** — K steps from the SFT checkpoint on the exported parquet: n rollouts per prompt
    sampled at temperature 0.8 / top-p 0.9, scored by :class:`~membuilder.training.RewardScorer`
-   (answers by the served model, the ``exact`` judge unless asked otherwise), then
+   (answers by the served model, judged by token F1 unless asked otherwise), then
    :class:`~membuilder.training.rehearse_step.AdrpoStep` (verl's GRPO estimator, verl's
    ``ppo_loss`` with the ``low_var_kl`` loss against the frozen SFT model, AdamW);
 6. **serve and evaluate** — the trained policy written back to GGUF (the base GGUF's metadata and
@@ -69,12 +69,14 @@ class RehearsalConfig:
     temperature: float = 0.8
     top_p: float = 0.9
     max_prompt_tokens: int = 3072
-    max_new_tokens: int = 160
+    max_new_tokens: int = 256  # at 160, most of SmolLM2's rollouts were cut off before their JSON closed
     lr: float = 1e-6
     kl_coef: float = 0.02
     alpha: float = 4.0
     pairing: str = "expert"
-    judge: str = "exact"
+    # Token F1, not exact match: a 135M model's answers almost never match a gold answer exactly,
+    # so under "exact" every reward is 0, GRPO's advantages are all 0 and no gradient flows.
+    judge: str = "f1"
     threads: int = 2
     server_threads: int = 1
     seed: int = 0
@@ -740,13 +742,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sequences per forward/backward of the ADRPO step (verl's ppo_micro_batch_size_per_gpu; "
         "the update is the same at any size, peak memory is not: ~2 GB per 1.5k-token sequence)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--max-prompt-tokens", type=int, default=3072)
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--kl-coef", type=float, default=0.02)
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--pairing", choices=("expert", "joint"), default="expert")
-    parser.add_argument("--judge", choices=("exact", "f1", "llm"), default="exact")
+    parser.add_argument(
+        "--judge",
+        choices=("exact", "f1", "llm"),
+        default="f1",
+        help="reward judge (default f1: partial credit, so a small model's rewards differ and "
+        "gradients flow; exact gives a 135M model all-zero rewards)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (SFT, ADRPO)")
     parser.add_argument(
         "--server-threads",
