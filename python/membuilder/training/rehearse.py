@@ -77,6 +77,7 @@ class RehearsalConfig:
     # Token F1, not exact match: a 135M model's answers almost never match a gold answer exactly,
     # so under "exact" every reward is 0, GRPO's advantages are all 0 and no gradient flows.
     judge: str = "f1"
+    format_gate: str = "strict"  # the paper's gate; "lenient" is the membuilder protocol's repairing parser
     threads: int = 2
     server_threads: int = 1
     seed: int = 0
@@ -417,6 +418,7 @@ def run_adrpo(r: Rehearsal, sft_dir: Path, parquet: Path, base_url: str, model_n
             max_concurrency=1,
             timeout=float(COMMAND_TIMEOUT_S),  # our own client: the served model shares a busy CPU
             reward={"attribution_alpha": cfg.alpha},
+            format_gate=cfg.format_gate,
         )
     )
     rows = pq.read_table(parquet).to_pylist()
@@ -440,6 +442,9 @@ def run_adrpo(r: Rehearsal, sft_dir: Path, parquet: Path, base_url: str, model_n
         per_step = max(4, cfg.prompts_per_step - cfg.prompts_per_step % 4)
     else:
         per_step = cfg.prompts_per_step
+    rollouts_path = r.out / "adrpo" / "rollouts.jsonl"
+    rollouts_path.parent.mkdir(parents=True, exist_ok=True)
+    rollouts_path.write_text("")
     for k in range(cfg.adrpo_steps):
         started = time.perf_counter()
         chosen = [prompts[(k * per_step + j) % len(prompts)] for j in range(per_step)]
@@ -480,6 +485,28 @@ def run_adrpo(r: Rehearsal, sft_dir: Path, parquet: Path, base_url: str, model_n
             [s.valid for s in scored],
         )
         m = step.step(batch)
+        # every rollout as the policy wrote it, with what the scorer made of it: the first place to
+        # look when the curves are flat (a rollout cut off at --max-new-tokens fails the format gate)
+        with rollouts_path.open("a", encoding="utf-8") as f:
+            for uid, resp, sample, s in zip(uids, r_ids, samples, scored):
+                f.write(
+                    json.dumps(
+                        {
+                            "step": k + 1,
+                            "prompt": uid,
+                            "rollout": sample.rollout_index,
+                            "tokens": len(resp),
+                            "reward": s.reward,
+                            "weight": s.weight,
+                            "format_ok": s.format_ok,
+                            "task": s.task,
+                            "length_penalty": s.length_penalty,
+                            "error": s.error,
+                            "text": sample.output,
+                        }
+                    )
+                    + "\n"
+                )
         rewards = np.array([s.reward for s in scored])
         weights = np.array([s.weight for s in scored])
         r.steps.append(
@@ -755,6 +782,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reward judge (default f1: partial credit, so a small model's rewards differ and "
         "gradients flow; exact gives a 135M model all-zero rewards)",
     )
+    parser.add_argument(
+        "--format-gate",
+        choices=("strict", "lenient"),
+        default="strict",
+        help="reward format gate (default strict, the paper's: a 135M model's rollouts rarely pass it, "
+        "see adrpo/rollouts.jsonl; lenient repairs what our action parser can)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (SFT, ADRPO)")
     parser.add_argument(
         "--server-threads",
@@ -802,6 +836,7 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         pairing=args.pairing,
         judge=args.judge,
+        format_gate=args.format_gate,
         threads=args.threads,
         server_threads=args.server_threads,
         resume=args.resume,
