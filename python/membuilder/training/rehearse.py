@@ -74,8 +74,9 @@ class RehearsalConfig:
     kl_coef: float = 0.02
     alpha: float = 4.0
     pairing: str = "expert"
-    # Token F1, not exact match: a 135M model's answers almost never match a gold answer exactly,
-    # so under "exact" every reward is 0, GRPO's advantages are all 0 and no gradient flows.
+    # Token F1, not exact match: a 135M model's answers almost never match a gold answer exactly;
+    # F1 gives partial credit, so rewards can differ within a group (equal rewards give GRPO
+    # advantages of 0, and then no gradient flows).
     judge: str = "f1"
     format_gate: str = "strict"  # the paper's gate; "lenient" is the membuilder protocol's repairing parser
     threads: int = 2
@@ -779,8 +780,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--judge",
         choices=("exact", "f1", "llm"),
         default="f1",
-        help="reward judge (default f1: partial credit, so a small model's rewards differ and "
-        "gradients flow; exact gives a 135M model all-zero rewards)",
+        help="reward judge (default f1: partial credit for a small model's answers; exact almost "
+        "never credits a 135M model)",
     )
     parser.add_argument(
         "--format-gate",
