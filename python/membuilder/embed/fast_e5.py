@@ -324,13 +324,17 @@ class FastE5Embedder(E5Modes):
         self.precision = precision
         self.max_batch_tokens = max_batch_tokens
         self.name = _VARIANT_NAMES[precision][variant]
-        eng = _engine(variant, precision)
+        eng = self._get_engine()
         self.dim = eng.file.hidden
         self.path = eng.path
 
+    def _get_engine(self) -> _Engine:
+        """This process's engine (the windows, batching and pooling around it are shared by subclasses)."""
+        return _engine(self.variant, self.precision)
+
     def _encode(self, texts: Sequence[str], is_query: bool) -> np.ndarray:
         items = as_text_list(texts)
-        eng = _engine(self.variant, self.precision)
+        eng = self._get_engine()
         f = eng.file
         out = np.zeros((len(items), self.dim), dtype=np.float32)
         if not items:
@@ -368,7 +372,7 @@ class FastE5Embedder(E5Modes):
 
     def token_count(self, text: str, *, query: bool = False) -> int:
         """Tokens the model reads for ``text`` (with its prefix and special tokens)."""
-        return len(_engine(self.variant, self.precision).file.tokenize(_PREFIX[query] + text)) + 2
+        return len(self._get_engine().file.tokenize(_PREFIX[query] + text)) + 2
 
     def __repr__(self) -> str:
         return (
