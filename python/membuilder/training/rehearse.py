@@ -767,7 +767,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--micro-batch-size",
         type=int,
         default=1,
-        help="sequences per forward/backward of the ADRPO step (verl's ppo_micro_batch_size_per_gpu; "
+        help="sequences per forward/backward of the ADRPO step, 0 = all at once (verl's ppo_micro_batch_size_per_gpu; "
         "the update is the same at any size, peak memory is not: ~2 GB per 1.5k-token sequence)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=256)
