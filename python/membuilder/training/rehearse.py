@@ -605,6 +605,26 @@ def run_eval(r: Rehearsal, policy_gguf: Path, base_url: str, base_name: str) -> 
 # -- 7. report -----------------------------------------------------------------------------------
 
 
+def write_metrics(r: Rehearsal) -> Path:
+    """``metrics.json``: the configuration, time per stage, failed stages, SFT losses, ADRPO steps, notes."""
+    path = r.out / "metrics.json"
+    path.write_text(
+        json.dumps(
+            {
+                "config": r.config.to_json(),
+                "timings_s": r.timings,
+                "failed": r.failed,
+                "sft_losses": r.sft_losses,
+                "steps": r.steps,
+                "notes": r.notes,
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    return path
+
+
 def write_report(r: Rehearsal) -> Path:
     import matplotlib
 
@@ -614,19 +634,7 @@ def write_report(r: Rehearsal) -> Path:
 
     out = r.out
     steps = r.steps
-    (out / "metrics.json").write_text(
-        json.dumps(
-            {
-                "config": r.config.to_json(),
-                "timings_s": r.timings,
-                "sft_losses": r.sft_losses,
-                "steps": steps,
-                "notes": r.notes,
-            },
-            indent=2,
-            default=str,
-        )
-    )
+    write_metrics(r)
     png = out / "report.png"
     if steps:
         x = [s["step"] for s in steps]
@@ -736,7 +744,10 @@ def rehearse(cfg: RehearsalConfig) -> Rehearsal:
         r.notes["served_completion_tokens"] = server.completion_tokens
     finally:
         server.stop()
-        r.timed("report", lambda: write_report(r))
+        try:
+            r.timed("report", lambda: write_report(r))
+        finally:
+            write_metrics(r)  # again, so that the report stage's own time (or failure) is in it
     return r
 
 
