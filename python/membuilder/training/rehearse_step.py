@@ -262,10 +262,11 @@ def build_loss_data(
     }
     if ref_log_probs is not None:
         fields["ref_log_prob"] = _nested([t.detach().float() for t in ref_log_probs])
+    own_tokens, own_samples = batch.trained_counts()
     if batch_num_tokens is None:
-        batch_num_tokens = int(sum(int(m.sum()) for m in masks))
+        batch_num_tokens = own_tokens
     if global_batch_size is None:
-        global_batch_size = int((weights != 0).sum())
+        global_batch_size = own_samples
     return tu.get_tensordict(
         fields,
         non_tensor_dict={
