@@ -4,9 +4,9 @@ Batch: 32 sessions x 4 agents x 8 rollouts x 5 questions (1,024 samples, joint p
 session-rollouts), against the scripted OpenAI-compatible server answering every call after a
 fixed delay (300 ms), with 64 calls allowed at once.
 
-* ``scorer``: :class:`membuilder.training.RewardScorer` (states loaded once, views, one embedding
-  batch, one batched retrieval, each distinct answer prompt and judge triple sent once, all
-  concurrently).
+* ``scorer``: :class:`membuilder.training.RewardScorer` (states loaded once, views, each distinct
+  text embedded once, in chunks that overlap the calls, batched retrieval per chunk, each distinct
+  answer prompt and judge triple sent once, all concurrently).
 * ``baseline``: the paper's reward server's architecture re-implemented on our semantics (the
   ``membuilder`` protocol's QA over the whole state): per session-rollout, reload the base state
   from disk, apply the four outputs, then answer and judge the questions one at a time; four

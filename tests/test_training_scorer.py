@@ -160,11 +160,14 @@ def _scorer(root: Path, server: ScriptedOpenAIServer, **kw: Any) -> RewardScorer
     return RewardScorer(cfg)
 
 
+@pytest.mark.parametrize("max_concurrency", [64, 1], ids=["one-chunk", "chunked"])
 @pytest.mark.parametrize("pairing", ["expert", "joint"])
-def test_hand_computed_rewards_and_weights(root: Path, pairing: str) -> None:
+def test_hand_computed_rewards_and_weights(root: Path, pairing: str, max_concurrency: int) -> None:
+    # max_concurrency 1 makes the scorer embed, commit and send in chunks of 1, 2, 4... groups:
+    # the same rewards, and each distinct call still sent once per batch.
     batch = samples()
     with ScriptedOpenAIServer(responder) as server:
-        results = _scorer(root, server).score_sync(batch, pairing=pairing)
+        results = _scorer(root, server, max_concurrency=max_concurrency).score_sync(batch, pairing=pairing)
         answers, judges = server.count("answer"), server.count("judge")
     got = {(s.agent, s.rollout_index): r for s, r in zip(batch, results)}
     for key, (reward, weight) in EXPECTED[pairing].items():
@@ -185,6 +188,39 @@ def test_hand_computed_rewards_and_weights(root: Path, pairing: str) -> None:
         assert got[("procedural", 1)].retrieved == (4, 0, 2)
         assert all(r.paired_with_expert == 0 for r in results)
     assert all(r.dominant == "episodic" for r in results if r.format_ok or pairing == "joint")
+
+
+class _SlowEmbedder:
+    """The scenario's embedder, slowed down, noting how many answers the server had when each
+    passage batch finished."""
+
+    def __init__(self, server: ScriptedOpenAIServer) -> None:
+        self._inner = make_embedder(EMBEDDER)
+        self.dim, self.name = self._inner.dim, self._inner.name
+        self._server = server
+        self.answers_seen: list[int] = []
+
+    async def aembed_passages(self, texts: list[str]) -> np.ndarray:
+        await asyncio.sleep(0.3)
+        self.answers_seen.append(self._server.count("answer"))
+        return self._inner.embed_passages(texts)
+
+    async def aembed_queries(self, texts: list[str]) -> np.ndarray:
+        return self._inner.embed_queries(texts)
+
+
+def test_questions_go_out_while_later_memories_are_embedded(root: Path) -> None:
+    """The first chunk's answer calls do not wait for the whole batch's embedding."""
+    batch = samples()
+    with ScriptedOpenAIServer(responder) as server:
+        embedder = _SlowEmbedder(server)
+        cfg = _scorer(root, server, max_concurrency=1).config
+        results = RewardScorer(cfg, embedder=embedder).score_sync(batch, pairing="expert")
+    assert all(r.valid for r in results)
+    # 5 groups, 2 questions each, in chunks of 1, 1, 2 and 1 groups; a chunk whose texts an
+    # earlier one already embedded sends no passage batch.
+    assert len(embedder.answers_seen) >= 2
+    assert embedder.answers_seen[0] == 0 and embedder.answers_seen[-1] >= 1
 
 
 def test_local_judges_need_no_judge_calls(root: Path) -> None:

@@ -9,11 +9,13 @@ as few calls as possible, all at once, and to do everything else in the Rust cor
    and drop groups that produce identical actions;
 3. load each base state once (kept in an LRU cache across batches) and give every group a
    copy-free :class:`~membuilder._core.StateView`;
-4. plan all views, embed every distinct new memory text in one batch, commit all views;
-5. embed every distinct question once and retrieve for all (view, question) pairs in one
-   :func:`~membuilder._core.search_views` call;
+4. plan all views and embed every distinct question once;
+5. in chunks of groups (the first about one round of the concurrency limit, each next twice the
+   last): embed the chunk's distinct new memory texts not embedded yet, commit its views and
+   retrieve for its (view, question) pairs in one :func:`~membuilder._core.search_views` call, then
+   send its calls and go on to the next chunk, so that embedding overlaps the calls in flight;
 6. send each distinct answer prompt once and each distinct (question, gold, answer) judge triple
-   once, all concurrently under the client's concurrency limit;
+   once per batch, all concurrently under the client's concurrency limit;
 7. compute task reward, length penalties, reward, retrieval counts, dominant kind and attribution
    weight for the whole batch in :class:`~membuilder._core.RewardKernel`.
 
@@ -362,8 +364,8 @@ class RewardScorer:
         dropped = self._sparse_drops(samples, gate)
         for g in groups:
             g.dropped = bool(g.members) and all(self._rollout_key(samples[m]) in dropped for m in g.members)
-        await self._build_views(groups)
-        await self._answer_and_judge(groups)
+        live, plans = await self._build_views(groups)
+        await self._answer_and_judge(live, plans)
 
         # Per-sample arrays for the kernel.
         format_ok = np.array(gate, dtype=bool)
@@ -595,8 +597,9 @@ class RewardScorer:
                 add(chosen, gt, members)
         return groups, sample_group, paired_with_expert
 
-    async def _build_views(self, groups: list[_Group]) -> None:
-        """Load base states, make one view per group, plan, embed new texts once, commit."""
+    async def _build_views(self, groups: list[_Group]) -> tuple[list[_Group], list[Any]]:
+        """Load base states, make one view per group and plan its actions; returns the live
+        groups and their plans. Nothing is embedded or committed yet (see :meth:`_commit`)."""
         core = self._core
         groups = [g for g in groups if not g.dropped]
         paths = list(dict.fromkeys(g.state_path for g in groups))
@@ -619,7 +622,7 @@ class RewardScorer:
             g.view = state.view()
             live.append(g)
         if not live:
-            return
+            return [], []
         specs = {g.gt.embedder for g in live if g.gt.embedder}
         if specs and specs != {self.config.embedder}:
             raise ValueError(
@@ -633,30 +636,56 @@ class RewardScorer:
                 f"{sorted(dims)}; score with the embedder the states were built with"
             )
         provs = [core.Provenance(g.gt.conversation_id, g.gt.session_index, g.gt.timestamp) for g in live]
-        views = [g.view for g in live]
-        plans = await asyncio.to_thread(core.plan_views, views, [g.parses for g in live], provs)
+        plans = await asyncio.to_thread(
+            core.plan_views, [g.view for g in live], [g.parses for g in live], provs
+        )
+        if self.config.kind_prefix:
+            for g in live:
+                g.new_kinds = _new_memory_kinds(g.parses)
+        return live, list(plans)
+
+    async def _commit(self, groups: list[_Group], plans: list[Any], vectors: dict[str, np.ndarray]) -> None:
+        """Embed the texts of ``plans`` that ``vectors`` (shared by the whole batch, so that a text is
+        embedded once per batch) does not hold yet, then commit the plans to their groups' views."""
         if self.config.kind_prefix:
             # A new memory is embedded as the reference stores it, tagged with its kind; old texts
             # a plan embeds to find the entry they name stay bare (they are matched, not stored).
-            for g in live:
-                g.new_kinds = _new_memory_kinds(g.parses)
-            all_texts = [_tagged(t, g.new_kinds.get(t)) for g, plan in zip(live, plans) for t in plan.texts]
+            texts = [_tagged(t, g.new_kinds.get(t)) for g, plan in zip(groups, plans) for t in plan.texts]
         else:
-            all_texts = [t for plan in plans for t in plan.texts]
-        distinct = list(dict.fromkeys(all_texts))
-        if distinct:
-            vecs = np.asarray(await self.embedder.aembed_passages(distinct), dtype=np.float32)
-            self.stats.texts_embedded += len(distinct)
-            row = {t: i for i, t in enumerate(distinct)}
-            stacked = np.ascontiguousarray(vecs[[row[t] for t in all_texts]])
+            texts = [t for plan in plans for t in plan.texts]
+        new = [t for t in dict.fromkeys(texts) if t not in vectors]
+        if new:
+            vecs = np.asarray(await self.embedder.aembed_passages(new), dtype=np.float32)
+            self.stats.texts_embedded += len(new)
+            vectors.update(zip(new, vecs))
+        if texts:
+            stacked = np.ascontiguousarray(np.stack([vectors[t] for t in texts]))
         else:
             stacked = np.zeros((0, self.embedder.dim), dtype=np.float32)
-        await asyncio.to_thread(core.commit_views, views, plans, stacked)
+        await asyncio.to_thread(self._core.commit_views, [g.view for g in groups], plans, stacked)
 
-    async def _answer_and_judge(self, groups: list[_Group]) -> None:
-        """Retrieve for every (group, question) at once, then answer and judge each distinct call once."""
+    def _chunks(self, rows_per_group: Sequence[int]) -> list[tuple[int, int]]:
+        """Group ranges to embed, commit and send in turn. The first holds about one round of
+        ``max_concurrency`` questions, so that calls start after a small embedding batch; each
+        next one is twice the last, so that few, large embedding batches follow while the
+        calls already sent are answered."""
+        out: list[tuple[int, int]] = []
+        target = self.config.max_concurrency
+        start = rows = 0
+        for gi, n in enumerate(rows_per_group):
+            rows += n
+            if rows >= target:
+                out.append((start, gi + 1))
+                start, rows, target = gi + 1, 0, 2 * target
+        if start < len(rows_per_group):
+            out.append((start, len(rows_per_group)))
+        return out
+
+    async def _answer_and_judge(self, live: list[_Group], plans: list[Any]) -> None:
+        """Commit, retrieve for, answer and judge the groups chunk by chunk: the questions of one
+        chunk go out while the next chunk's memories are embedded. Each distinct answer prompt and
+        judge triple is sent once per batch, whichever chunk needs it first."""
         core = self._core
-        live = [g for g in groups if g.error is None and g.view is not None and not g.dropped]
         if not live:
             return
         k = self.config.top_k
@@ -674,14 +703,13 @@ class RewardScorer:
             for qa in qas(g):
                 pair_group.append(gi)
                 pair_qa.append(qa)
+        rows_per_group = [len(qas(g)) for g in live]
+        offsets = np.zeros(len(live) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(rows_per_group)
         view_index = np.asarray(pair_group, dtype=np.int64)
         queries = np.ascontiguousarray(qvecs[[qrow[qa.question] for qa in pair_qa]])
-        if self.config.qa_scope == "rollout_only":
-            ids, kinds = await asyncio.to_thread(self._rollout_only_hits, live, view_index, queries, k)
-        else:
-            ids, _scores, kinds = await asyncio.to_thread(
-                core.search_views, [g.view for g in live], view_index, queries, k
-            )
+        ids = np.full((len(pair_qa), k), -1, dtype=np.int64)
+        kinds = np.full((len(pair_qa), k), -1, dtype=np.int8)
 
         answer_tasks: dict[str, asyncio.Task] = {}
         judge_tasks: dict[tuple[str, str, str], asyncio.Task] = {}
@@ -715,7 +743,31 @@ class RewardScorer:
             answer = await answer_task(messages)
             return await judge_task(qa.question, qa.answer, answer)
 
-        results = await asyncio.gather(*(chain(r) for r in range(len(pair_qa))), return_exceptions=True)
+        vectors: dict[str, np.ndarray] = {}
+        chains: list[asyncio.Future] = []
+        try:
+            for a, b in self._chunks(rows_per_group):
+                await self._commit(live[a:b], plans[a:b], vectors)
+                r0, r1 = int(offsets[a]), int(offsets[b])
+                if r0 == r1:
+                    continue
+                local = view_index[r0:r1] - a  # view indices into live[a:b]
+                if self.config.qa_scope == "rollout_only":
+                    got_ids, got_kinds = await asyncio.to_thread(
+                        self._rollout_only_hits, live[a:b], local, queries[r0:r1], k
+                    )
+                else:
+                    got_ids, _scores, got_kinds = await asyncio.to_thread(
+                        core.search_views, [g.view for g in live[a:b]], local, queries[r0:r1], k
+                    )
+                ids[r0:r1], kinds[r0:r1] = got_ids, got_kinds
+                chains.extend(asyncio.ensure_future(chain(r)) for r in range(r0, r1))
+            results = await asyncio.gather(*chains, return_exceptions=True)
+        except BaseException:
+            # Embedding or retrieval of a later chunk failed: stop the calls already sent.
+            for t in (*chains, *answer_tasks.values(), *judge_tasks.values()):
+                t.cancel()
+            raise
         self.stats.answer_calls += len(answer_tasks)
         self.stats.judge_calls += len(judge_tasks) if self.config.judge == "llm" else 0
 
@@ -730,12 +782,6 @@ class RewardScorer:
             if isinstance(res, BaseException):
                 raise res  # a bug, not a model or network problem: surface it
             per_group[pair_group[row]].append(float(res))
-        nq_by_group: dict[int, int] = {}
-        for gi in pair_group:
-            nq_by_group[gi] = nq_by_group.get(gi, 0) + 1
-        offsets = np.zeros(len(live) + 1, dtype=np.int64)
-        for gi in range(len(live)):
-            offsets[gi + 1] = offsets[gi] + nq_by_group.get(gi, 0)
         for gi, g in enumerate(live):
             rows = slice(int(offsets[gi]), int(offsets[gi + 1]))
             g.kinds = np.ascontiguousarray(kinds[rows].reshape(-1).astype(np.int8))
