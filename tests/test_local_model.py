@@ -118,6 +118,32 @@ def test_server_bounds_a_json_mode_call_by_its_tags_schema(recording_server):
     assert recording_server._engine.requests[-1]["response_format"] == own
 
 
+def test_schema_bounds_tighten_every_bounded_field(recording_server):
+    from membuilder._core import InvalidArgumentError
+    from membuilder.llm.local import SchemaBounds
+
+    bounds = SchemaBounds(max_operations=3, max_memory_chars=150, max_qa_items=2)
+    ops = json_schema_for_tag("agent:episodic", bounds=bounds)["properties"]["operations"]
+    assert ops["maxItems"] == 3
+    by_action = {o["properties"]["action"]["const"]: o["properties"] for o in ops["items"]["anyOf"]}
+    assert by_action["ADD"]["memory"]["maxLength"] == 150
+    assert by_action["MERGE"]["old_memories"]["maxItems"] == 3  # an operation's share, at least 2
+    assert by_action["MERGE"]["old_memories"]["items"]["maxLength"] == 150
+    qa = json_schema_for_tag("qa-gen", bounds=bounds)["properties"]["questions"]
+    assert qa["maxItems"] == 2
+    assert json_schema_for_tag("agent:episodic") == json_schema_for_tag(
+        "agent:episodic", bounds=SchemaBounds()
+    )
+    with pytest.raises(InvalidArgumentError, match="max_operations"):
+        SchemaBounds(max_operations=0)
+    # the server applies its bounds to every JSON-mode call
+    recording_server.schema_bounds = bounds
+    body = {"model": "x", "messages": [], "response_format": {"type": "json_object"}}
+    recording_server.complete(body, "agent:semantic")
+    sent = recording_server._engine.requests[-1]["response_format"]["schema"]
+    assert sent == json_schema_for_tag("agent:semantic", bounds=bounds)
+
+
 @pytest.mark.slow
 @pytest.mark.local_model
 def test_local_model_builds_and_answers():

@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata, util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,14 @@ from membuilder.llm.usage import UsageTracker
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["LocalLLM", "chat_request", "find_smollm2_gguf", "json_schema_for_tag", "load_engine"]
+__all__ = [
+    "LocalLLM",
+    "SchemaBounds",
+    "chat_request",
+    "find_smollm2_gguf",
+    "json_schema_for_tag",
+    "load_engine",
+]
 
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,6 +68,23 @@ MAX_QA_ITEMS = 5
 # llama-cpp-python 0.3.36). xllamacpp routes JSON schemas through LLGuidance instead, but the bound
 # stays so that the schemas work with either engine.
 GRAMMAR_MAX_STRING = 1000
+
+
+@dataclass(frozen=True)
+class SchemaBounds:
+    """The bounds of the constrained output (the defaults above). A caller whose replies must fit a
+    small ``max_tokens`` tightens them: a reply the token cap cuts off mid-JSON is rejected, and a
+    model imitating such replies (SFT on them) learns to write past its own token budget."""
+
+    max_operations: int = MAX_OPERATIONS
+    max_memory_chars: int = MAX_MEMORY_CHARS
+    max_qa_items: int = MAX_QA_ITEMS
+
+    def __post_init__(self) -> None:
+        for name in ("max_operations", "max_memory_chars", "max_qa_items"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"SchemaBounds.{name} must be an int >= 1, got {value!r}")
 
 
 def find_smollm2_gguf() -> Path:
@@ -96,17 +121,22 @@ def _op(action: str, **fields: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 
-def json_schema_for_tag(tag: str | None, *, core_limit: int = MAX_CORE_CHARS) -> dict[str, Any] | None:
+def json_schema_for_tag(
+    tag: str | None, *, core_limit: int = MAX_CORE_CHARS, bounds: SchemaBounds | None = None
+) -> dict[str, Any] | None:
     """The bounded JSON schema that constrains a JSON-mode call with ``tag``; ``None`` for tags
     without one (a generic JSON object is then asked for)."""
-    mem = _string(MAX_MEMORY_CHARS)
+    bounds = bounds or SchemaBounds()
+    mem = _string(bounds.max_memory_chars)
+    # A MERGE names at least two old memories; it takes no more than an operation's share.
+    max_old = max(2, min(MAX_OLD_MEMORIES, bounds.max_operations))
     bank_ops = {
         "agent:episodic": [
             _op("ADD", memory=mem),
             _op("UPDATE", old_memory=mem, new_memory=mem),
             _op(
                 "MERGE",
-                old_memories={"type": "array", "items": mem, "minItems": 2, "maxItems": MAX_OLD_MEMORIES},
+                old_memories={"type": "array", "items": mem, "minItems": 2, "maxItems": max_old},
                 new_memory=mem,
             ),
         ],
@@ -121,7 +151,11 @@ def json_schema_for_tag(tag: str | None, *, core_limit: int = MAX_CORE_CHARS) ->
         return {
             "type": "object",
             "properties": {
-                "operations": {"type": "array", "items": {"anyOf": bank_ops[tag]}, "maxItems": MAX_OPERATIONS}
+                "operations": {
+                    "type": "array",
+                    "items": {"anyOf": bank_ops[tag]},
+                    "maxItems": bounds.max_operations,
+                }
             },
             "required": ["operations"],
             "additionalProperties": False,
@@ -170,7 +204,7 @@ def json_schema_for_tag(tag: str | None, *, core_limit: int = MAX_CORE_CHARS) ->
         return {
             "type": "object",
             "properties": {
-                "questions": {"type": "array", "items": item, "minItems": 1, "maxItems": MAX_QA_ITEMS}
+                "questions": {"type": "array", "items": item, "minItems": 1, "maxItems": bounds.max_qa_items}
             },
             "required": ["questions"],
             "additionalProperties": False,

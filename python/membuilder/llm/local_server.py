@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from membuilder.llm.client import CALL_HEADER
-from membuilder.llm.local import json_schema_for_tag, load_engine
+from membuilder.llm.local import SchemaBounds, json_schema_for_tag, load_engine
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -90,7 +90,8 @@ class LocalModelServer:
     """Serve ``model_path`` (a GGUF file) at ``base_url`` = ``http://127.0.0.1:<port>/v1``.
 
     ``port`` 0 picks a free one. ``n_parallel`` requests are decoded together (continuous
-    batching; each gets ``n_ctx`` tokens of context). Use as a context manager or call
+    batching; each gets ``n_ctx`` tokens of context). ``schema_bounds`` bounds the JSON-mode
+    replies (:class:`~membuilder.llm.local.SchemaBounds`; fit them to ``max_tokens_cap``). Use as a context manager or call
     :meth:`start` / :meth:`stop`.
     """
 
@@ -104,6 +105,7 @@ class LocalModelServer:
         n_threads: int | None = None,
         n_parallel: int = 2,
         max_tokens_cap: int = 1024,
+        schema_bounds: SchemaBounds | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -113,6 +115,7 @@ class LocalModelServer:
         self.n_threads = n_threads
         self.n_parallel = n_parallel
         self.max_tokens_cap = max_tokens_cap
+        self.schema_bounds = schema_bounds or SchemaBounds()
         self._port = port
         self._engine: Any = None
         self._http: _Http | None = None
@@ -134,7 +137,7 @@ class LocalModelServer:
         request.pop("model", None)
         fmt = request.get("response_format")
         if isinstance(fmt, dict) and fmt.get("type") == "json_object" and "schema" not in fmt:
-            schema = json_schema_for_tag(tag)
+            schema = json_schema_for_tag(tag, bounds=self.schema_bounds)
             if schema is not None:
                 request["response_format"] = {"type": "json_object", "schema": schema}
         cap = self.max_tokens_cap

@@ -60,8 +60,11 @@ class RehearsalConfig:
     sessions: int = 2
     eval_sessions: int = 2
     qa_per_session: int = 2
-    sft_steps: int = 4
-    sft_lr: float = 1e-5
+    # The paper's SFT learning rate is for a 4B model over thousands of samples; 8 steps at 1e-5
+    # left SmolLM2 writing prose, 16 at 1e-4 made it repeat one memorised reply (no spread in a
+    # group, so no advantage). 8 at 5e-5 gives varied JSON.
+    sft_steps: int = 8
+    sft_lr: float = 5e-5
     adrpo_steps: int = 3
     prompts_per_step: int = 2
     rollouts: int = 4
@@ -83,10 +86,25 @@ class RehearsalConfig:
     server_threads: int = 1
     seed: int = 0
     served_max_tokens: int = 256
+    # Bounds of the served model's JSON replies (SmolLM2's tokens are ~4 characters): with the
+    # server's defaults (8 operations of 400 characters) the 135M expert wrote replies of up to
+    # 256 tokens, and the SFT'd policy, imitating them, ran past max_new_tokens mid-JSON, so no
+    # rollout passed the format gate. Typical replies within these bounds fit in 256 tokens.
+    expert_max_operations: int = 3
+    expert_memory_chars: int = 150
     resume: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    def schema_bounds(self) -> Any:
+        from membuilder.llm.local import SchemaBounds
+
+        return SchemaBounds(
+            max_operations=self.expert_max_operations,
+            max_memory_chars=self.expert_memory_chars,
+            max_qa_items=self.qa_per_session,  # qa-gen asks for this many; more would not fit
+        )
 
 
 @dataclass
@@ -563,6 +581,7 @@ def run_eval(r: Rehearsal, policy_gguf: Path, base_url: str, base_name: str) -> 
         n_parallel=1,
         n_ctx=8192,
         max_tokens_cap=cfg.served_max_tokens,
+        schema_bounds=cfg.schema_bounds(),
     ) as policy_server:
         _cli(
             [
@@ -728,6 +747,7 @@ def rehearse(cfg: RehearsalConfig) -> Rehearsal:
             n_parallel=1,
             n_ctx=8192,  # SmolLM2's context
             max_tokens_cap=cfg.served_max_tokens,
+            schema_bounds=cfg.schema_bounds(),
         ).start(),
     )
     try:
@@ -770,7 +790,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", type=int, default=2, help="sessions of each LongMemEval conversation")
     parser.add_argument("--eval-sessions", type=int, default=2, help="sessions of the LoCoMo conversation")
     parser.add_argument("--qa-per-session", type=int, default=2)
-    parser.add_argument("--sft-steps", type=int, default=4)
+    parser.add_argument("--sft-steps", type=int, default=RehearsalConfig.sft_steps)
+    parser.add_argument("--sft-lr", type=float, default=RehearsalConfig.sft_lr, help="SFT peak learning rate")
     parser.add_argument("--adrpo-steps", type=int, default=3, help="K")
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--rollouts", type=int, default=4, help="n rollouts per prompt")
@@ -782,6 +803,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the update is the same at any size, peak memory is not: ~2 GB per 1.5k-token sequence)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--expert-max-operations",
+        type=int,
+        default=RehearsalConfig.expert_max_operations,
+        help="operations per JSON reply of the served model (its bounded schema)",
+    )
+    parser.add_argument(
+        "--expert-memory-chars",
+        type=int,
+        default=RehearsalConfig.expert_memory_chars,
+        help="characters per memory in the served model's JSON replies",
+    )
     parser.add_argument("--max-prompt-tokens", type=int, default=3072)
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--kl-coef", type=float, default=0.02)
@@ -837,11 +870,14 @@ def run(args: argparse.Namespace) -> int:
         eval_sessions=args.eval_sessions,
         qa_per_session=args.qa_per_session,
         sft_steps=args.sft_steps,
+        sft_lr=args.sft_lr,
         adrpo_steps=args.adrpo_steps,
         prompts_per_step=args.prompts_per_step,
         rollouts=args.rollouts,
         micro_batch_size=args.micro_batch_size,
         max_new_tokens=args.max_new_tokens,
+        expert_max_operations=args.expert_max_operations,
+        expert_memory_chars=args.expert_memory_chars,
         max_prompt_tokens=args.max_prompt_tokens,
         lr=args.lr,
         kl_coef=args.kl_coef,
