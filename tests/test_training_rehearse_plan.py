@@ -89,3 +89,18 @@ def test_a_failed_stage_is_reported_failed_not_done(tmp_path, longmemeval_dir):
     text = write_report(r).read_text()
     assert "| data |" in text and "| done |" in text.split("| data |")[1].splitlines()[0]
     assert "FAILED: RuntimeError: no RL rows" in text.split("| adrpo |")[1].splitlines()[0]
+
+
+def test_trajectories_made_under_other_served_bounds_are_not_reused(tmp_path, longmemeval_dir):
+    import pytest
+    from membuilder.training.rehearse import Rehearsal, _check_served_bounds
+
+    traj = tmp_path / "traj"
+    _check_served_bounds(Rehearsal(_config(tmp_path, longmemeval_dir)), traj)  # first run: recorded
+    traj.mkdir()
+    _check_served_bounds(Rehearsal(_config(tmp_path, longmemeval_dir)), traj)  # same bounds: reused
+    with pytest.raises(ValueError, match="use a new --output-dir"):
+        _check_served_bounds(Rehearsal(_config(tmp_path, longmemeval_dir, expert_memory_chars=400)), traj)
+    (tmp_path / "traj.served_bounds.json").unlink()  # trajectories of a version that did not record them
+    with pytest.raises(ValueError, match="unrecorded bounds"):
+        _check_served_bounds(Rehearsal(_config(tmp_path, longmemeval_dir)), traj)

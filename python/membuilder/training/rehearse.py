@@ -271,6 +271,25 @@ def _first_ids(cfg: RehearsalConfig, n: int = 2) -> list[str]:
     return ranked[:n]
 
 
+def _check_served_bounds(r: Rehearsal, traj: Path) -> None:
+    """Record the served model's JSON bounds before the first trajectory is made, and refuse to
+    reuse trajectories (and their response cache, which is keyed on the request, not on the
+    schema the server applies) made under other bounds."""
+    from membuilder._files import write_json_atomic
+
+    bounds = asdict(r.config.schema_bounds())
+    marker = r.out / "traj.served_bounds.json"
+    if traj.exists():
+        before = json.loads(marker.read_text()) if marker.is_file() else "unrecorded bounds"
+        if before != bounds:
+            raise ValueError(
+                f"{traj}: these trajectories were made with served JSON bounds {before}, this run "
+                f"asks for {bounds}; use a new --output-dir (or delete {traj})"
+            )
+    else:
+        write_json_atomic(marker, bounds)
+
+
 def make_data(r: Rehearsal, base_url: str, model_name: str, tokenizer_dir: Path) -> dict[str, Path]:
     cfg = r.config
     # One request in flight: the engine decodes on one thread, and time a request waits in the
@@ -278,6 +297,7 @@ def make_data(r: Rehearsal, base_url: str, model_name: str, tokenizer_dir: Path)
     endpoint = ["--provider", "compatible", "--base-url", base_url, "--api-key", "EMPTY"]
     endpoint += ["--max-concurrency", "1", "--timeout", str(COMMAND_TIMEOUT_S)]
     traj = r.out / "traj"
+    _check_served_bounds(r, traj)
     argv = ["trajectories", "--dataset", "longmemeval", "--data-path", str(cfg.longmemeval)]
     if cfg.split_file is not None:
         argv += ["--split-file", str(cfg.split_file)]
