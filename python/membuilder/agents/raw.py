@@ -8,7 +8,7 @@ id in its provenance.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,8 +28,13 @@ def raw_turn_text(message: Mapping[str, Any], timestamp: str | None) -> str:
     return f"{timestamp} | {body}" if timestamp else body
 
 
+def _kept(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [m for m in messages if m["content"].strip() or m.get("image_caption")]
+
+
 class RawTurnBuilder:
-    """Stores each turn as one episodic entry; one embedder call per session.
+    """Stores each turn as one episodic entry; one embedder call per session, or one for many
+    sessions with :meth:`prefetch`.
 
     Same ``build_session`` signature as :class:`MemoryBuilder`. Turns whose content (and caption)
     is empty are left out.
@@ -37,6 +42,20 @@ class RawTurnBuilder:
 
     def __init__(self, embedder: Any) -> None:
         self.embedder = embedder
+        self._ready: dict[str, np.ndarray] = {}  # prefetched turn text -> vector
+
+    async def prefetch(self, sessions: Iterable[tuple[Sequence[Mapping[str, Any]], str | None]]) -> None:
+        """Embed the turns of many ``(messages, timestamp)`` sessions in one call, for the
+        ``build_session`` calls that follow. One call lets the embedder sort the turns of all
+        those sessions by length: on LongMemEval's long turns, a history's ~1,000 turns embed ~2x
+        faster than session by session. Raises InvalidArgumentError for malformed messages."""
+        texts = [
+            raw_turn_text(m, ts) for messages, ts in sessions for m in _kept(check_session_messages(messages))
+        ]
+        new = [t for t in dict.fromkeys(texts) if t not in self._ready]
+        if new:
+            vectors = np.asarray(await self.embedder.aembed_passages(new), dtype=np.float32)
+            self._ready.update(zip(new, vectors))
 
     async def build_session(
         self,
@@ -58,7 +77,7 @@ class RawTurnBuilder:
             timestamp=timestamp,
             core_before=state.core,
         )
-        kept = [m for m in messages if m["content"].strip() or m.get("image_caption")]
+        kept = _kept(messages)
         if not kept:
             return result
         texts = [raw_turn_text(m, timestamp) for m in kept]
@@ -71,6 +90,12 @@ class RawTurnBuilder:
             )
             for m in kept
         ]
-        vectors = np.ascontiguousarray(await self.embedder.aembed_passages(texts), dtype=np.float32)
+        if all(t in self._ready for t in texts):
+            vectors = np.stack([self._ready[t] for t in texts])
+            for t in texts:  # used: keep the memo no larger than what is still to come
+                self._ready.pop(t, None)
+        else:
+            vectors = np.asarray(await self.embedder.aembed_passages(texts), dtype=np.float32)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         result.added = list(state.add_entries("episodic", texts, vectors, provenances))
         return result

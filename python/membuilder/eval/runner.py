@@ -827,6 +827,8 @@ class Runner:
                 state, n = starts[conv.id]
                 saved = n
                 async with sem:
+                    if hasattr(builder, "prefetch"):  # the raw builder: one embedding call per conversation
+                        await builder.prefetch((s.messages(), s.timestamp) for s in conv.sessions[n:])
                     for s in conv.sessions[n:]:
                         res = await builder.build_session(
                             state,
