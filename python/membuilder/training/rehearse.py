@@ -792,6 +792,8 @@ def rehearse(cfg: RehearsalConfig) -> Rehearsal:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from membuilder.cli import positive_int
+
     parser.description = (
         "Rehearse the whole training recipe on a CPU: data, SFT, ADRPO, serve, evaluate, report."
     )
@@ -825,13 +827,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument(
         "--expert-max-operations",
-        type=int,
+        type=positive_int,
         default=RehearsalConfig.expert_max_operations,
         help="operations per JSON reply of the served model (its bounded schema)",
     )
     parser.add_argument(
         "--expert-memory-chars",
-        type=int,
+        type=positive_int,
         default=RehearsalConfig.expert_memory_chars,
         help="characters per memory in the served model's JSON replies",
     )
