@@ -37,18 +37,9 @@ __all__ = [
 UNITS = {"locomo": "conversation", "perltqa": "character", "longmemeval": "question_type"}
 
 
-def _rounds(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_trust_arguments(p: argparse.ArgumentParser) -> None:
     """The ``eval`` options of this module."""
+    from membuilder.cli import positive_int
     from membuilder.eval.audit import GOLD_CHOICES
 
     g = p.add_argument_group("gold and judge checks")
@@ -66,7 +57,7 @@ def add_trust_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--judge-rounds",
-        type=_rounds,
+        type=positive_int,
         default=1,
         metavar="K",
         help="ask the judge K times per answer and take the majority (agreement is reported; odd K avoids ties)",
