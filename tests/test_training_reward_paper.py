@@ -166,6 +166,24 @@ def test_strict_format_gate(root: Path) -> None:
     assert [r.reward for r in lenient] == [0.5, 0.5, 0.5, 0.5]
 
 
+def test_an_output_through_the_gate_that_our_parser_cannot_apply_adds_nothing_in_both_pairings(
+    root: Path,
+) -> None:
+    """The strict gate passes a core APPEND whose content is an object (it checks that the field is
+    there, not its value); our parser cannot apply it. It is scored as adding nothing to the
+    memory, whatever the pairing: the rest of the memory is still answered."""
+    outputs = {a: [GOOD[a]] for a in AGENTS}
+    outputs["core"] = ['{"operation": "APPEND", "content": {"title": "Swimming"}}']
+    samples = batch(outputs)
+    rewards = {}
+    for pairing in ("joint", "expert"):
+        with ScriptedOpenAIServer(responder) as server:
+            got, _ = score(root, server, samples, pairing=pairing)
+        assert got[0].format_ok and got[0].valid, pairing
+        rewards[pairing] = got[0].reward
+    assert rewards["expert"] == rewards["joint"] == 0.5  # the expert's episodic needle answers 1 of 2
+
+
 @pytest.mark.parametrize(
     ("agent", "raw", "ok"),
     [

@@ -359,7 +359,9 @@ class RewardScorer:
         usable = [g and bool(p.ok) for g, p in zip(gate, parses)]
         expert, expert_facts = await asyncio.to_thread(self._parse_experts, samples, usable, pairing)
 
-        groups, sample_group, paired_with_expert = self._make_groups(samples, parses, usable, expert, pairing)
+        groups, sample_group, paired_with_expert = self._make_groups(
+            samples, parses, gate, usable, expert, pairing
+        )
         self.stats.groups += len(groups)
         dropped = self._sparse_drops(samples, gate)
         for g in groups:
@@ -532,6 +534,7 @@ class RewardScorer:
         self,
         samples: Sequence[RewardSample],
         parses: Sequence[Any],
+        gate: Sequence[bool],
         usable: Sequence[bool],
         expert: dict[tuple[str, int, str], Any],
         pairing: str,
@@ -558,14 +561,18 @@ class RewardScorer:
 
         if pairing == "expert":
             for i, s in enumerate(samples):
-                if not usable[i]:
+                if not gate[i]:
                     continue  # the format gate sets the reward to 0; no memory to evaluate
                 gt = s.ground_truth
                 chosen = {
                     a: expert.get((gt.conversation_id, gt.session_index, a)) for a in AGENTS if a != s.agent
                 }
                 chosen = {a: p for a, p in chosen.items() if p is not None and p.ok}
-                chosen[s.agent] = parses[i]
+                # Through the gate but not applicable by our parser (e.g. a core APPEND whose
+                # content is an object): it adds nothing and the rest is still answered, as in
+                # joint pairing.
+                if usable[i]:
+                    chosen[s.agent] = parses[i]
                 add(chosen, gt, [i])
         else:
             rollouts: dict[tuple[str, int, int], dict[str, int]] = {}
