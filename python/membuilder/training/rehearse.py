@@ -60,7 +60,7 @@ class RehearsalConfig:
     sessions: int = 2
     eval_sessions: int = 2
     qa_per_session: int = 2
-    # The paper's SFT learning rate is for a 4B model over thousands of samples; 8 steps at 1e-5
+    # The paper's SFT learning rate is for a 4B model over thousands of samples; 4 steps at 1e-5
     # left SmolLM2 writing prose, 16 at 1e-4 made it repeat one memorised reply (no spread in a
     # group, so no advantage). 8 at 5e-5 gives varied JSON.
     sft_steps: int = 8
@@ -98,6 +98,7 @@ class RehearsalConfig:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
     def schema_bounds(self) -> Any:
+        """The served model's JSON bounds (a ``membuilder.llm.local.SchemaBounds``)."""
         from membuilder.llm.local import SchemaBounds
 
         return SchemaBounds(
@@ -811,7 +812,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--locomo-conv", default="conv-26")
     parser.add_argument("--sessions", type=int, default=2, help="sessions of each LongMemEval conversation")
     parser.add_argument("--eval-sessions", type=int, default=2, help="sessions of the LoCoMo conversation")
-    parser.add_argument("--qa-per-session", type=int, default=2)
+    parser.add_argument("--qa-per-session", type=positive_int, default=2)
     parser.add_argument("--sft-steps", type=int, default=RehearsalConfig.sft_steps)
     parser.add_argument("--sft-lr", type=float, default=RehearsalConfig.sft_lr, help="SFT peak learning rate")
     parser.add_argument("--adrpo-steps", type=int, default=3, help="K")
