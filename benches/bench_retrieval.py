@@ -4,11 +4,12 @@ Workload: 1,000 queries, top-10 by inner product over one bank of n L2-normalise
 (n = 1k, 10k, 100k; dim = 384, 1,536; random points around n/100 random centres, fixed seed), all
 engines in this process on the same data.
 
-* ``membuilder-exact``: ``MemoryState.search_batch`` below ``exact_search_limit`` (a fused AVX-512
-  or AVX2/FMA scan that selects each query's candidates while the scores are still in registers,
-  then re-scores them with one canonical kernel; a portable GEMM + selection on other CPUs). Run
-  once per kernel in ``BENCH_KERNELS`` (default: every fused kernel this CPU has, else
-  ``portable``), each test id naming its kernel.
+* ``membuilder-exact``: ``MemoryState.search_batch`` below ``exact_search_limit`` (bf16 tile
+  products on AMX admitted within a proven bound, or a fused AVX-512 or AVX2/FMA scan that selects
+  each query's candidates while the scores are still in registers, then re-scores them with one
+  canonical kernel; a portable GEMM + selection on other CPUs). Run once per kernel in
+  ``BENCH_KERNELS`` (default: every AMX or fused kernel this CPU has, else ``portable``), each
+  test id naming its kernel.
 * ``membuilder-graph``: the same call with ``exact_search_limit`` below n, so the bank is searched
   through its usearch HNSW graph (over-fetch, exact re-scoring).
 * ``faiss-flat``: ``faiss.IndexFlatIP.search`` (BLAS sgemm + heap selection).

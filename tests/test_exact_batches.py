@@ -124,8 +124,8 @@ def test_every_kernel_this_cpu_has_gives_identical_hits(restore_kernel):
     for name in kernels:
         assert c.set_exact_kernel(name) == name
         assert c.cpu_info()["exact_search"] == name
-        # One bank for all: the tile-major copy the first batch leaves is read by both fused
-        # kernels.
+        # One bank for all: the copy the first batch leaves (float32 tiles for both fused
+        # kernels, bf16 tiles for AMX) is read by the later ones.
         batch = s.search_batch(q, K)
         small = s.search_batch(q[:20], K)
         single = one_by_one(s, q[:7], K)
@@ -143,7 +143,7 @@ def test_every_kernel_this_cpu_has_gives_identical_hits(restore_kernel):
 def test_unknown_or_unavailable_kernel_is_refused(restore_kernel):
     with pytest.raises(c.InvalidArgumentError, match="sse9"):
         c.set_exact_kernel("sse9")
-    for name in ("avx512", "avx2"):
+    for name in ("amx", "avx512", "avx2"):
         if name not in c.cpu_info()["exact_search_available"]:
             with pytest.raises(c.InvalidArgumentError, match=name):
                 c.set_exact_kernel(name)

@@ -443,9 +443,10 @@ def cpu_info() -> dict[str, str | list[str]]:
     ``rescore`` (the instruction set of the canonical re-scoring kernel)."""
 
 def set_exact_kernel(
-    name: Literal["auto", "avx512", "avx2", "portable"] | None = None,
-) -> Literal["avx512", "avx2", "portable"]:
+    name: Literal["auto", "amx", "avx512", "avx2", "portable"] | None = None,
+) -> Literal["amx", "avx512", "avx2", "portable"]:
     """Choose the exact-search kernel for every later search in this process (default: the best
     this CPU has; the ``MEMBUILDER_EXACT_KERNEL`` environment variable sets the start-up choice).
-    Every kernel returns identical hits; only speed differs. Raises InvalidArgumentError for a
+    Every kernel returns identical hits; only speed differs. ``amx`` scores large batches over a
+    whole bank in bf16 with a proven admission bound (other searches then run ``avx512``). Raises InvalidArgumentError for a
     kernel this CPU cannot run. Returns the kernel now in use."""

@@ -33,6 +33,8 @@
 //! - [`persist`]: versioned, checksummed, atomically written state files.
 
 pub mod actions;
+#[cfg(target_arch = "x86_64")]
+pub mod amx_scan;
 pub mod bank;
 pub mod config;
 pub mod cpu;

@@ -5,7 +5,8 @@
 //! search took (single query, batch, exact, graph, base or overlay), every candidate is re-scored
 //! with one canonical kernel, [`dot`], before the final selection: the scan-kernel and usearch
 //! scores are only used to choose candidates, never reported. Exact search keeps every row whose
-//! kernel score is within a proven rounding bound of the k-th best ([`kernel_margin`]), so its
+//! kernel score is within a proven rounding bound of the k-th best ([`kernel_margin`] for the
+//! float32 kernels, a per-query bound for AMX's bf16 products: [`crate::amx_scan`]), so its
 //! candidates always contain the canonical top k, ties included.
 //!
 //! The state-level searches (banks, views, batches) are in [`crate::state`] and
@@ -41,6 +42,10 @@ pub fn kernel_margin(dim: usize) -> f32 {
 /// re-scoring (see [`kernel_margin`]), so the choice changes only speed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExactKernel {
+    /// bf16 tile products on AMX with a proven admission bound ([`crate::amx_scan`]), for batches
+    /// over a whole bank large enough to keep its bf16 copy; other searches run the AVX-512
+    /// scan.
+    Amx,
     /// The fused scan on AVX-512F ([`crate::fused_scan512`]).
     Avx512,
     /// The fused scan on AVX2 + FMA ([`crate::fused_scan`]).
@@ -49,12 +54,13 @@ pub enum ExactKernel {
     Portable,
 }
 
-/// Environment variable that picks the exact-search kernel at start-up (`avx512`, `avx2`,
-/// `portable` or `auto`), for tests and benchmarks that compare the paths on one machine.
+/// Environment variable that picks the exact-search kernel at start-up (`amx`, `avx512`,
+/// `avx2`, `portable` or `auto`), for tests and benchmarks that compare the paths on one machine.
 pub const EXACT_KERNEL_ENV: &str = "MEMBUILDER_EXACT_KERNEL";
 
 impl ExactKernel {
-    pub const ALL: [ExactKernel; 3] = [
+    pub const ALL: [ExactKernel; 4] = [
+        ExactKernel::Amx,
         ExactKernel::Avx512,
         ExactKernel::Avx2,
         ExactKernel::Portable,
@@ -62,6 +68,7 @@ impl ExactKernel {
 
     pub fn name(self) -> &'static str {
         match self {
+            ExactKernel::Amx => "amx",
             ExactKernel::Avx512 => "avx512",
             ExactKernel::Avx2 => "avx2",
             ExactKernel::Portable => "portable",
@@ -76,11 +83,13 @@ impl ExactKernel {
     pub fn available(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
+            ExactKernel::Amx => crate::amx_scan::available(),
+            #[cfg(target_arch = "x86_64")]
             ExactKernel::Avx512 => crate::fused_scan512::available(),
             #[cfg(target_arch = "x86_64")]
             ExactKernel::Avx2 => crate::fused_scan::available(),
             #[cfg(not(target_arch = "x86_64"))]
-            ExactKernel::Avx512 | ExactKernel::Avx2 => false,
+            ExactKernel::Amx | ExactKernel::Avx512 | ExactKernel::Avx2 => false,
             ExactKernel::Portable => true,
         }
     }
@@ -262,16 +271,27 @@ fn checked_norm_sq(v: &[f32]) -> Result<f64, VectorProblem> {
     Ok(ss)
 }
 
-/// A bank's tile-major copy of its rows for the fused exact scan (see
-/// [`crate::fused_scan::pack_rows`]), made by the first batch search large enough to use it and
+/// A bank's copy of its rows in the layout its exact-search kernel reads: tile-major float32 for
+/// the fused scans (see [`crate::fused_scan::pack_rows`]) or bf16 tiles for AMX (see
+/// [`crate::amx_scan::pack_rows`]). Made by the first batch search large enough to use it and
 /// kept until the bank changes; views and batches over one base share it, so rows are copied
 /// once per bank version instead of once per batch. Copies above [`TILE_CACHE_MAX_BYTES`] are
-/// not kept (such batches copy a segment at a time). A clone of a bank starts without one.
+/// not kept (such batches copy a segment at a time), nor bf16 copies above
+/// [`BF16_CACHE_MAX_BYTES`] (such batches run the AVX-512 scan). A clone of a bank starts
+/// without one.
 #[derive(Default)]
-pub struct TileCache(std::sync::Mutex<Option<(usize, std::sync::Arc<Vec<f32>>)>>);
+pub struct TileCache {
+    f32_tiles: std::sync::Mutex<Option<(usize, std::sync::Arc<Vec<f32>>)>>,
+    #[cfg(target_arch = "x86_64")]
+    bf16_tiles: std::sync::Mutex<Option<std::sync::Arc<crate::amx_scan::Bf16Rows>>>,
+}
 
 /// Largest tile-major copy a bank keeps.
 pub const TILE_CACHE_MAX_BYTES: usize = 256 << 20;
+
+/// Largest bf16 copy a bank keeps for AMX: half the size of the bank's own vectors, so banks of
+/// up to 1 GiB of vectors (e.g. 100k x 1,536) keep one; larger ones are searched on AVX-512.
+pub const BF16_CACHE_MAX_BYTES: usize = 512 << 20;
 
 impl Clone for TileCache {
     fn clone(&self) -> Self {
@@ -281,25 +301,61 @@ impl Clone for TileCache {
 
 impl std::fmt::Debug for TileCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rows = self.lock().as_ref().map(|(n, _)| *n);
+        let rows = lock(&self.f32_tiles).as_ref().map(|(n, _)| *n);
         write!(f, "TileCache {{ rows: {rows:?} }}")
     }
 }
 
-impl TileCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(usize, std::sync::Arc<Vec<f32>>)>> {
-        // A panic while packing leaves at worst no copy; what the lock guards is still sound.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// A cache slot's lock: a panic while packing leaves at worst no copy, and what the lock guards
+/// is still sound.
+fn lock<T>(slot: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
 
-    /// Forget the copy (the bank's rows changed).
+impl TileCache {
+    /// Forget the copies (the bank's rows changed).
     pub fn clear(&mut self) {
-        *self.0.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.f32_tiles.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        #[cfg(target_arch = "x86_64")]
+        {
+            *self.bf16_tiles.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        }
     }
 
     /// Whether a copy is held (for tests).
     pub fn is_filled(&self) -> bool {
-        self.lock().is_some()
+        #[cfg(target_arch = "x86_64")]
+        if lock(&self.bf16_tiles).is_some() {
+            return true;
+        }
+        lock(&self.f32_tiles).is_some()
+    }
+
+    /// The bf16 copy of rows `0..rows.end` of `matrix` for [`crate::amx_scan`], made now if
+    /// needed, when a batch of `nq` queries over `rows` should use one; `None` when it should
+    /// not (small batches, ranges that do not start at row 0, copies too large to keep).
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_for(
+        &self,
+        matrix: &[f32],
+        dim: usize,
+        rows: &Range<usize>,
+        nq: usize,
+    ) -> Option<std::sync::Arc<crate::amx_scan::Bf16Rows>> {
+        use crate::amx_scan::{pack_rows, Bf16Rows};
+        let bytes = Bf16Rows::bytes_for(rows.end, dim);
+        if nq < PACK_MIN_QUERIES || rows.start != 0 || bytes > BF16_CACHE_MAX_BYTES {
+            return None;
+        }
+        let mut slot = lock(&self.bf16_tiles);
+        if let Some(copy) = slot.as_ref() {
+            if copy.rows() == rows.end {
+                return Some(copy.clone());
+            }
+        }
+        let copy = std::sync::Arc::new(pack_rows(matrix, dim, rows.end));
+        *slot = Some(copy.clone());
+        Some(copy)
     }
 
     /// The copy of rows `0..rows.end` of `matrix`, made now if needed, when a fused scan of `nq`
@@ -317,7 +373,7 @@ impl TileCache {
         if nq < PACK_MIN_QUERIES || rows.start != 0 || bytes > TILE_CACHE_MAX_BYTES {
             return None;
         }
-        let mut slot = self.lock();
+        let mut slot = lock(&self.f32_tiles);
         if let Some((n, tiles)) = slot.as_ref() {
             if *n == rows.end {
                 return Some(tiles.clone());
@@ -338,9 +394,10 @@ impl TileCache {
 ///
 /// The work is split into (query block x row range) tasks run on rayon when [`crate::par`]
 /// allows, so one query over a large bank and many queries over a small one both use all cores.
-/// Each task runs the kernel [`exact_kernel`] chose: the fused scan on AVX-512
-/// ([`crate::fused_scan512`]) or AVX2/FMA ([`crate::fused_scan`]) where the CPU has one, else a
-/// portable blocked GEMM followed by a selection pass.
+/// Each task runs the kernel [`exact_kernel`] chose: bf16 tiles on AMX ([`crate::amx_scan`]) for
+/// batches of `PACK_MIN_QUERIES` or more over a whole bank whose bf16 copy `cache` can keep,
+/// the fused scan on AVX-512 ([`crate::fused_scan512`]) or AVX2/FMA ([`crate::fused_scan`]) where
+/// the CPU has one, else a portable blocked GEMM followed by a selection pass.
 #[allow(clippy::too_many_arguments)]
 pub fn exact_candidates<F>(
     matrix: &[f32],
@@ -360,7 +417,16 @@ where
     }
     debug_assert!(matrix.len() >= rows.end * dim);
     debug_assert_eq!(queries.len(), nq * dim);
-    let kernel = exact_kernel();
+    #[allow(unused_mut)]
+    let mut kernel = exact_kernel();
+    #[cfg(target_arch = "x86_64")]
+    if kernel == ExactKernel::Amx {
+        if let Some(bank) = cache.and_then(|c| c.bf16_for(matrix, dim, &rows, nq)) {
+            return amx_candidates(&bank, rows, queries, nq, k, accept);
+        }
+        // Small batches, sub-ranges and banks too large to keep a copy of.
+        kernel = ExactKernel::Avx512;
+    }
     #[cfg(target_arch = "x86_64")]
     if kernel != ExactKernel::Portable {
         let tiles = cache.and_then(|c| c.tiles_for(matrix, dim, &rows, nq));
@@ -478,25 +544,35 @@ where
     F: Fn(usize, usize) -> bool + Sync,
 {
     use crate::fused_scan::{self, Rows, PANEL, TILE};
+    let margin = kernel_margin(dim);
     let scan = |source: Rows<'_>, rows: Range<usize>| {
-        in_tasks(nq, rows, dim, FUSED_QUERY_BLOCK, k, |q0, q1, r, found| {
-            let panels = q0 / PANEL..q1.div_ceil(PANEL);
-            // SAFETY: the kernel's `available()` was checked when it was chosen; `source`
-            // covers `rows` (task ranges start on a tile boundary of it) and `packed` every panel
-            // of the `nq` queries; `found` has one list per query q0..q1, and q0 is a multiple of
-            // PANEL and q1 either one too or nq.
-            unsafe {
-                match kernel {
-                    ExactKernel::Avx512 => crate::fused_scan512::scan(
-                        source, dim, r, packed, panels, nq, found, accept,
-                    ),
-                    // `exact_candidates` sends the portable kernel elsewhere.
-                    ExactKernel::Avx2 | ExactKernel::Portable => {
-                        fused_scan::scan(source, dim, r, packed, panels, nq, found, accept)
+        in_tasks(
+            nq,
+            rows,
+            |_| margin,
+            FUSED_QUERY_BLOCK,
+            k,
+            |q0, q1, r, found| {
+                let panels = q0 / PANEL..q1.div_ceil(PANEL);
+                // SAFETY: the kernel's `available()` was checked when it was chosen; `source`
+                // covers `rows` (task ranges start on a tile boundary of it) and `packed` every panel
+                // of the `nq` queries; `found` has one list per query q0..q1, and q0 is a multiple of
+                // PANEL and q1 either one too or nq.
+                unsafe {
+                    match kernel {
+                        // AMX needs AVX-512F; `exact_candidates` sends AMX searches without a bf16
+                        // copy here.
+                        ExactKernel::Amx | ExactKernel::Avx512 => crate::fused_scan512::scan(
+                            source, dim, r, packed, panels, nq, found, accept,
+                        ),
+                        // `exact_candidates` sends the portable kernel elsewhere.
+                        ExactKernel::Avx2 | ExactKernel::Portable => {
+                            fused_scan::scan(source, dim, r, packed, panels, nq, found, accept)
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
     };
     if let Some(tiles) = tiles {
         return scan(Rows::Tiles { tiles, first: 0 }, rows);
@@ -507,7 +583,6 @@ where
     // Enough queries to repay a tile-major copy of the rows, and no cached one: copy a segment
     // at a time so that the copy stays small whatever the bank's size.
     let seg_rows = (segment_bytes / (4 * dim * TILE)).max(1) * TILE;
-    let margin = kernel_margin(dim);
     let mut lists: Vec<NearTop> = (0..nq).map(|_| NearTop::new(k, margin)).collect();
     let mut s0 = rows.start;
     while s0 < rows.end {
@@ -532,8 +607,36 @@ where
     lists.into_iter().map(NearTop::into_vec).collect()
 }
 
+/// [`exact_candidates`] on AMX over `bank`, the bf16 copy of rows `0..rows.end` (inputs checked
+/// by [`exact_candidates`]): each query keeps every row within its own proven margin
+/// ([`crate::amx_scan::Bf16Queries::margin`]) of its k-th best bf16 score, so re-scoring gives
+/// the canonical top k as on every other path.
+#[cfg(target_arch = "x86_64")]
+fn amx_candidates<F>(
+    bank: &crate::amx_scan::Bf16Rows,
+    rows: Range<usize>,
+    queries: &[f32],
+    nq: usize,
+    k: usize,
+    accept: &F,
+) -> Vec<Vec<(f32, u64)>>
+where
+    F: Fn(usize, usize) -> bool + Sync,
+{
+    let packed = crate::amx_scan::pack_queries(queries, nq, bank);
+    let margin = |q: usize| packed.margin(q);
+    let q_block = crate::amx_scan::QUERY_BLOCK;
+    in_tasks(nq, rows, margin, q_block, k, |q0, q1, r, found| {
+        // SAFETY: `Amx` is chosen only where `amx_scan::available()`; the queries were packed
+        // for this bank, task query blocks start on a multiple of `q_block` (a multiple of 32)
+        // and `r` lies inside the bank's copy.
+        unsafe { crate::amx_scan::scan(bank, &packed, r, q0, q1, found, accept) }
+    })
+}
+
 /// Batches smaller than this scan the bank's matrix directly; larger ones first copy the rows
-/// tile-major (one extra pass over the rows, repaid by the faster kernel over many queries).
+/// tile-major, or to bf16 for AMX (one extra pass over the rows, repaid by the faster kernel over
+/// many queries).
 #[cfg(target_arch = "x86_64")]
 const PACK_MIN_QUERIES: usize = 64;
 
@@ -561,51 +664,59 @@ where
     F: Fn(usize, usize) -> bool + Sync,
 {
     debug_assert!(nq > 0 && k > 0 && rows.start < rows.end && dim > 0);
-    in_tasks(nq, rows, dim, QUERY_BLOCK, k, |q0, q1, r, found| {
-        let (r0, r1) = (r.start, r.end);
-        let m = q1 - q0;
-        let mut scores = vec![0f32; m * ROW_BLOCK.min(r1 - r0)];
-        let mut c0 = r0;
-        while c0 < r1 {
-            let c1 = (c0 + ROW_BLOCK).min(r1);
-            let n = c1 - c0;
-            // SAFETY: the pointers and strides describe in-bounds row-major matrices:
-            // A = queries[q0..q1] (m x dim), B = matrix rows c0..c1 read transposed (dim x n),
-            // C = scores (m x n), all sizes checked above.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    dim,
-                    n,
-                    1.0,
-                    queries.as_ptr().add(q0 * dim),
-                    dim as isize,
-                    1,
-                    matrix.as_ptr().add(c0 * dim),
-                    1,
-                    dim as isize,
-                    0.0,
-                    scores.as_mut_ptr(),
-                    n as isize,
-                    1,
-                );
-            }
-            for (qi, list) in found.iter_mut().enumerate() {
-                let row_scores = &scores[qi * n..(qi + 1) * n];
-                for (j, &s) in row_scores.iter().enumerate() {
-                    if s >= list.threshold() && accept(q0 + qi, c0 + j) {
-                        list.push(s, (c0 + j) as u64);
+    let margin = kernel_margin(dim);
+    in_tasks(
+        nq,
+        rows,
+        |_| margin,
+        QUERY_BLOCK,
+        k,
+        |q0, q1, r, found| {
+            let (r0, r1) = (r.start, r.end);
+            let m = q1 - q0;
+            let mut scores = vec![0f32; m * ROW_BLOCK.min(r1 - r0)];
+            let mut c0 = r0;
+            while c0 < r1 {
+                let c1 = (c0 + ROW_BLOCK).min(r1);
+                let n = c1 - c0;
+                // SAFETY: the pointers and strides describe in-bounds row-major matrices:
+                // A = queries[q0..q1] (m x dim), B = matrix rows c0..c1 read transposed (dim x n),
+                // C = scores (m x n), all sizes checked above.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        dim,
+                        n,
+                        1.0,
+                        queries.as_ptr().add(q0 * dim),
+                        dim as isize,
+                        1,
+                        matrix.as_ptr().add(c0 * dim),
+                        1,
+                        dim as isize,
+                        0.0,
+                        scores.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                }
+                for (qi, list) in found.iter_mut().enumerate() {
+                    let row_scores = &scores[qi * n..(qi + 1) * n];
+                    for (j, &s) in row_scores.iter().enumerate() {
+                        if s >= list.threshold() && accept(q0 + qi, c0 + j) {
+                            list.push(s, (c0 + j) as u64);
+                        }
                     }
                 }
+                c0 = c1;
             }
-            c0 = c1;
-        }
-    })
+        },
+    )
 }
 
-/// Row splits of [`in_tasks`] are multiples of this (the fused scans' tile heights: 6 rows on
-/// AVX2, 12 on AVX-512).
-const SPLIT_ALIGN: usize = 12;
+/// Row splits of [`in_tasks`] are multiples of this: of the fused scans' tile heights (6 rows on
+/// AVX2, 12 on AVX-512) and of AMX's 32-row blocks.
+const SPLIT_ALIGN: usize = 96;
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(SPLIT_ALIGN.is_multiple_of(2 * crate::fused_scan::TILE));
 
@@ -614,19 +725,19 @@ type QuerySlot = (Vec<NearTop>, Vec<(f32, u64)>);
 
 /// Split `nq` queries x `rows` into (query block x row range) tasks, run `task(q0, q1, rows,
 /// lists)` for each (in parallel when allowed; `lists` has one empty [`NearTop`] per query
-/// q0..q1) and merge each query's lists by the same rule.
-fn in_tasks<T>(
+/// q0..q1, with margin `margin(query)`) and merge each query's lists by the same rule.
+fn in_tasks<M, T>(
     nq: usize,
     rows: Range<usize>,
-    dim: usize,
+    margin: M,
     q_block: usize,
     k: usize,
     task: T,
 ) -> Vec<Vec<(f32, u64)>>
 where
+    M: Fn(usize) -> f32 + Sync + Send,
     T: Fn(usize, usize, Range<usize>, &mut [NearTop]) + Sync + Send,
 {
-    let margin = kernel_margin(dim);
     let n_rows = rows.end - rows.start;
     let q_blocks = nq.div_ceil(q_block);
     let threads = crate::par::threads();
@@ -641,7 +752,7 @@ where
         let q1 = (q0 + q_block).min(nq);
         let r0 = rows.start + sp * split_len;
         let r1 = (r0 + split_len).min(rows.end);
-        let mut found: Vec<NearTop> = (q0..q1).map(|_| NearTop::new(k, margin)).collect();
+        let mut found: Vec<NearTop> = (q0..q1).map(|q| NearTop::new(k, margin(q))).collect();
         if r0 < r1 {
             task(q0, q1, r0..r1, &mut found);
         }
@@ -658,13 +769,13 @@ where
             slots[q0 + qi].0.push(list);
         }
     }
-    crate::par::for_each_mut(&mut slots, |_, (lists, out)| {
+    crate::par::for_each_mut(&mut slots, |q, (lists, out)| {
         let mut lists = std::mem::take(lists);
         if lists.len() == 1 {
             *out = lists.pop().expect("one list").into_vec();
             return;
         }
-        let mut merged = NearTop::new(k, margin);
+        let mut merged = NearTop::new(k, margin(q));
         for list in lists {
             merged.offer_all(list.into_vec());
         }
@@ -1104,6 +1215,175 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The AMX kernel directly (where this CPU and OS allow it), over dimensions that leave
+    /// partial 32-value steps, banks that leave partial blocks, ranges that start and end inside
+    /// a block, rows that differ from each other by one float32 ulp (far below bf16's
+    /// resolution, so bf16 cannot order them) and queries equal to rows: every offered score is
+    /// within the query's proven bound of its canonical score, and re-scoring the candidates
+    /// gives exactly the brute-force canonical top k.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_candidates_match_brute_force_at_every_shape() {
+        if !crate::amx_scan::available() {
+            eprintln!("no AMX on this CPU (or not granted by the OS): skipped");
+            return;
+        }
+        let mut seed = 41u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let shapes: Vec<(usize, usize, usize)> = (1..=40)
+            .map(|d| (d, 20 + d * 3, [1, 31, 32, 33, 70][d % 5]))
+            .chain([
+                (63, 300, 65),
+                (96, 1000, 130),
+                (384, 2000, 200),
+                (385, 517, 64),
+                (1536, 400, 40),
+            ])
+            .collect();
+        let mut widest = 0f32;
+        for (i, &(dim, rows, nq)) in shapes.iter().enumerate() {
+            let k = 1 + i % 10;
+            let distinct = (rows / 3).max(1);
+            let unit = |rnd: &mut dyn FnMut() -> f32| loop {
+                let mut v: Vec<f32> = (0..dim).map(|_| rnd()).collect();
+                if normalize(&mut v).is_ok() {
+                    break v;
+                }
+            };
+            let protos: Vec<Vec<f32>> = (0..distinct).map(|_| unit(&mut rnd)).collect();
+            let mut matrix = Vec::with_capacity(rows * dim);
+            for r in 0..rows {
+                let mut v = protos[r % distinct].clone();
+                if r % 5 == 1 {
+                    v[r % dim] = f32::from_bits(v[r % dim].to_bits() + 1);
+                }
+                matrix.extend(v);
+            }
+            let mut queries = Vec::with_capacity(nq * dim);
+            for q in 0..nq {
+                if q % 4 == 3 {
+                    let r = (q * 7) % rows;
+                    queries.extend_from_slice(&matrix[r * dim..(r + 1) * dim]);
+                } else {
+                    queries.extend(unit(&mut rnd));
+                }
+            }
+            let bank = crate::amx_scan::pack_rows(&matrix, dim, rows);
+            let accept = |q: usize, r: usize| (q + r) % 11 != 4;
+            let id_of = |r: usize| r as u64;
+            let packed = crate::amx_scan::pack_queries(&queries, nq, &bank);
+            for range in [0..rows, (rows / 7)..(rows - rows / 5).max(rows / 7 + 1)] {
+                let got = amx_candidates(&bank, range.clone(), &queries, nq, k, &accept);
+                for q in 0..nq {
+                    let qv = &queries[q * dim..(q + 1) * dim];
+                    let bound = packed.margin(q) / 2.0;
+                    widest = widest.max(bound);
+                    for &(s, r) in &got[q] {
+                        let r = r as usize;
+                        assert!(range.contains(&r) && accept(q, r));
+                        let canonical = dot(qv, &matrix[r * dim..(r + 1) * dim]);
+                        assert!(
+                            (s - canonical).abs() <= bound,
+                            "dim {dim} q {q} row {r}: {s} vs {canonical}, bound {bound}"
+                        );
+                    }
+                    let want = rescore(
+                        &matrix,
+                        dim,
+                        &id_of,
+                        qv,
+                        range.clone().filter(|&r| accept(q, r)),
+                        k,
+                    );
+                    let cands = got[q].iter().map(|&(_, r)| r as usize);
+                    let top = rescore(&matrix, dim, &id_of, qv, cands, k);
+                    assert_eq!(top, want, "dim {dim} rows {rows} nq {nq} q {q} {range:?}");
+                }
+            }
+        }
+        // The bound is a few thousandths for unit vectors, not a blanket that admits everything.
+        assert!(widest < 0.01, "{widest}");
+    }
+
+    /// The AMX bound where bf16 rounding is at its worst and where it flushes: values across the
+    /// whole float range (down to float32 subnormals, which become zero in bf16), values halfway
+    /// between two bf16 numbers, and vectors dominated by one component.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_bound_holds_for_values_across_the_float_range() {
+        if !crate::amx_scan::available() {
+            eprintln!("no AMX on this CPU (or not granted by the OS): skipped");
+            return;
+        }
+        let mut seed = 5u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        let (dim, rows, nq, k) = (100, 700, 96, 8);
+        let mut vector = |kind: u64| -> Vec<f32> {
+            loop {
+                let mut v: Vec<f32> = (0..dim)
+                    .map(|i| {
+                        let sign = if next() % 2 == 0 { 1.0 } else { -1.0 };
+                        match kind {
+                            // Magnitudes from 1 down to 2^-140 (subnormal in float32).
+                            0 => sign * f32::powi(2.0, -((next() % 141) as i32)),
+                            // Exactly halfway between two bf16 numbers: 1 + (2j + 1) 2^-8.
+                            1 => sign * (1.0 + (2 * (next() % 128) + 1) as f32 / 256.0),
+                            // One large component, the rest tiny.
+                            _ => {
+                                if i == 0 {
+                                    sign
+                                } else {
+                                    sign * 1e-3 * (next() % 1000) as f32 / 1000.0
+                                }
+                            }
+                        }
+                    })
+                    .collect();
+                if normalize(&mut v).is_ok() {
+                    break v;
+                }
+            }
+        };
+        let matrix: Vec<f32> = (0..rows).flat_map(|r| vector(r as u64 % 3)).collect();
+        let queries: Vec<f32> = (0..nq).flat_map(|q| vector(q as u64 % 3)).collect();
+        let bank = crate::amx_scan::pack_rows(&matrix, dim, rows);
+        let packed = crate::amx_scan::pack_queries(&queries, nq, &bank);
+        let accept = |_: usize, _: usize| true;
+        let got = amx_candidates(&bank, 0..rows, &queries, nq, k, &accept);
+        let id_of = |r: usize| r as u64;
+        for q in 0..nq {
+            let qv = &queries[q * dim..(q + 1) * dim];
+            for &(s, r) in &got[q] {
+                let r = r as usize;
+                let canonical = dot(qv, &matrix[r * dim..(r + 1) * dim]);
+                assert!(
+                    (s - canonical).abs() <= packed.margin(q) / 2.0,
+                    "q {q} row {r}"
+                );
+            }
+            let want = rescore(&matrix, dim, &id_of, qv, 0..rows, k);
+            let top = rescore(
+                &matrix,
+                dim,
+                &id_of,
+                qv,
+                got[q].iter().map(|c| c.1 as usize),
+                k,
+            );
+            assert_eq!(top, want, "q {q}");
         }
     }
 

@@ -33,7 +33,7 @@ fn set_exact_kernel(py: Python<'_>, name: Option<&str>) -> PyResult<&'static str
         Some(n) => Some(retrieval::ExactKernel::from_name(n).ok_or_else(|| {
             crate::errors::invalid_argument(
                 py,
-                format!("unknown exact-search kernel {n:?} (auto, avx512, avx2 or portable)"),
+                format!("unknown exact-search kernel {n:?} (auto, amx, avx512, avx2 or portable)"),
             )
         })?),
     };
