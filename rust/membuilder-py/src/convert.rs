@@ -223,6 +223,29 @@ impl<'py> F32Array<'py> {
         }
     }
 
+    /// Check that this is the `(texts, dim)` matrix of vectors for `texts` texts (`what_texts`
+    /// says whose, for the error: "the plan has 3 texts to embed"); an empty array is accepted
+    /// when there are no texts, whatever its shape.
+    pub fn check_vectors_for(
+        &self,
+        dim: usize,
+        texts: usize,
+        what_texts: impl FnOnce() -> String,
+        py: Python<'_>,
+    ) -> PyResult<()> {
+        if texts == 0 && self.array.len() == 0 {
+            return Ok(());
+        }
+        let rows = self.rows(dim, false, "vectors", py)?;
+        if rows != texts {
+            return Err(invalid_argument(
+                py,
+                format!("vectors has {rows} rows but {}", what_texts()),
+            ));
+        }
+        Ok(())
+    }
+
     /// Rows of a `(n, dim)` matrix (a 1-D `(dim,)` array counts as one row when `allow_1d`).
     pub fn rows(&self, dim: usize, allow_1d: bool, what: &str, py: Python<'_>) -> PyResult<usize> {
         let shape = self.shape();

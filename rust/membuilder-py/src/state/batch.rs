@@ -113,16 +113,8 @@ pub(crate) fn commit_views(
         None => return Ok(Vec::new()),
     };
     let arr = F32Array::extract(vectors, "vectors")?;
+    arr.check_vectors_for(dim, total, || format!("the plans have {total} texts"), py)?;
     let data = arr.data();
-    if !(total == 0 && data.is_empty()) {
-        let rows = arr.rows(dim, false, "vectors", py)?;
-        if rows != total {
-            return Err(invalid_argument(
-                py,
-                format!("vectors has {rows} rows but the plans have {total} texts"),
-            ));
-        }
-    }
     let plan_refs: Vec<&Plan> = plans.iter().map(|p| &p.inner).collect();
     let results = detach(py, || {
         // Refuse everything up front (stale plan, bad vector) so that no view is half-committed.

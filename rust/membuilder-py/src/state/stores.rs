@@ -140,16 +140,8 @@ macro_rules! store_methods {
                 let dim = self.dim();
                 let arr = F32Array::extract(vectors, "vectors")?;
                 let n = plan.inner.texts.len();
+                arr.check_vectors_for(dim, n, || format!("the plan has {n} texts to embed"), py)?;
                 let data = arr.data();
-                if !(n == 0 && data.is_empty()) {
-                    let rows = arr.rows(dim, false, "vectors", py)?;
-                    if rows != n {
-                        return Err(invalid_argument(
-                            py,
-                            format!("vectors has {rows} rows but the plan has {n} texts to embed"),
-                        ));
-                    }
-                }
                 let r = detach(py, || write(&self.inner).commit(&plan.inner, &data)).map_err(|e| core_err(py, e))?;
                 Ok(PyCommitReport { inner: r })
             }
@@ -165,13 +157,8 @@ macro_rules! store_methods {
                 let kind = parse_kind(py, Some(kind))?.expect("given");
                 let dim = self.dim();
                 let arr = F32Array::extract(vectors, "vectors")?;
+                arr.check_vectors_for(dim, texts.len(), || format!("{} texts were given", texts.len()), py)?;
                 let data = arr.data();
-                if !(texts.is_empty() && data.is_empty()) {
-                    let rows = arr.rows(dim, false, "vectors", py)?;
-                    if rows != texts.len() {
-                        return Err(invalid_argument(py, format!("{} texts but {rows} vectors", texts.len())));
-                    }
-                }
                 let provs: Vec<Provenance> = provenances.into_iter().map(|p| p.inner).collect();
                 detach(py, || write(&self.inner).add_entries(kind, &texts, &data, &provs)).map_err(|e| core_err(py, e))
             }
