@@ -1218,6 +1218,55 @@ mod tests {
         }
     }
 
+    /// Whether the AMX tests can run here (they pass vacuously where they cannot, and run on
+    /// CPUs that have AMX).
+    #[cfg(target_arch = "x86_64")]
+    fn amx_here() -> bool {
+        let ok = crate::amx_scan::available();
+        if !ok {
+            eprintln!("no AMX on this CPU (or not granted by the OS): skipped");
+        }
+        ok
+    }
+
+    /// A deterministic stream of 31-bit numbers for test data (an LCG).
+    fn lcg(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            seed >> 33
+        }
+    }
+
+    /// One query's AMX candidates `got`: each within `bound` of its canonical score, and their
+    /// re-scored top `k` equal to the brute-force top `k` over `eligible`.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn check_amx_query(
+        matrix: &[f32],
+        dim: usize,
+        qv: &[f32],
+        got: &[(f32, u64)],
+        bound: f32,
+        eligible: impl Iterator<Item = usize>,
+        k: usize,
+        what: &str,
+    ) {
+        let id_of = |r: usize| r as u64;
+        for &(s, r) in got {
+            let r = r as usize;
+            let canonical = dot(qv, &matrix[r * dim..(r + 1) * dim]);
+            assert!(
+                (s - canonical).abs() <= bound,
+                "{what} row {r}: {s} vs {canonical}, bound {bound}"
+            );
+        }
+        let want = rescore(matrix, dim, &id_of, qv, eligible, k);
+        let top = rescore(matrix, dim, &id_of, qv, got.iter().map(|c| c.1 as usize), k);
+        assert_eq!(top, want, "{what}");
+    }
+
     /// The AMX kernel directly (where this CPU and OS allow it), over dimensions that leave
     /// partial 32-value steps, banks that leave partial blocks, ranges that start and end inside
     /// a block, rows that differ from each other by one float32 ulp (far below bf16's
@@ -1227,17 +1276,11 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn amx_candidates_match_brute_force_at_every_shape() {
-        if !crate::amx_scan::available() {
-            eprintln!("no AMX on this CPU (or not granted by the OS): skipped");
+        if !amx_here() {
             return;
         }
-        let mut seed = 41u64;
-        let mut rnd = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        let mut next = lcg(41);
+        let mut rnd = move || (next() as f32 / (1u64 << 31) as f32) - 0.5;
         let shapes: Vec<(usize, usize, usize)> = (1..=40)
             .map(|d| (d, 20 + d * 3, [1, 31, 32, 33, 70][d % 5]))
             .chain([
@@ -1278,34 +1321,25 @@ mod tests {
             }
             let bank = crate::amx_scan::pack_rows(&matrix, dim, rows);
             let accept = |q: usize, r: usize| (q + r) % 11 != 4;
-            let id_of = |r: usize| r as u64;
             let packed = crate::amx_scan::pack_queries(&queries, nq, &bank);
             for range in [0..rows, (rows / 7)..(rows - rows / 5).max(rows / 7 + 1)] {
                 let got = amx_candidates(&bank, range.clone(), &queries, nq, k, &accept);
                 for q in 0..nq {
-                    let qv = &queries[q * dim..(q + 1) * dim];
                     let bound = packed.margin(q) / 2.0;
                     widest = widest.max(bound);
-                    for &(s, r) in &got[q] {
-                        let r = r as usize;
-                        assert!(range.contains(&r) && accept(q, r));
-                        let canonical = dot(qv, &matrix[r * dim..(r + 1) * dim]);
-                        assert!(
-                            (s - canonical).abs() <= bound,
-                            "dim {dim} q {q} row {r}: {s} vs {canonical}, bound {bound}"
-                        );
-                    }
-                    let want = rescore(
+                    assert!(got[q]
+                        .iter()
+                        .all(|&(_, r)| range.contains(&(r as usize)) && accept(q, r as usize)));
+                    check_amx_query(
                         &matrix,
                         dim,
-                        &id_of,
-                        qv,
+                        &queries[q * dim..(q + 1) * dim],
+                        &got[q],
+                        bound,
                         range.clone().filter(|&r| accept(q, r)),
                         k,
+                        &format!("dim {dim} rows {rows} nq {nq} q {q} {range:?}"),
                     );
-                    let cands = got[q].iter().map(|&(_, r)| r as usize);
-                    let top = rescore(&matrix, dim, &id_of, qv, cands, k);
-                    assert_eq!(top, want, "dim {dim} rows {rows} nq {nq} q {q} {range:?}");
                 }
             }
         }
@@ -1319,23 +1353,16 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn amx_bound_holds_for_values_across_the_float_range() {
-        if !crate::amx_scan::available() {
-            eprintln!("no AMX on this CPU (or not granted by the OS): skipped");
+        if !amx_here() {
             return;
         }
-        let mut seed = 5u64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            seed >> 33
-        };
+        let mut next = lcg(5);
         let (dim, rows, nq, k) = (100, 700, 96, 8);
         let mut vector = |kind: u64| -> Vec<f32> {
             loop {
                 let mut v: Vec<f32> = (0..dim)
                     .map(|i| {
-                        let sign = if next() % 2 == 0 { 1.0 } else { -1.0 };
+                        let sign = if next().is_multiple_of(2) { 1.0 } else { -1.0 };
                         match kind {
                             // Magnitudes from 1 down to 2^-140 (subnormal in float32).
                             0 => sign * f32::powi(2.0, -((next() % 141) as i32)),
@@ -1363,27 +1390,17 @@ mod tests {
         let packed = crate::amx_scan::pack_queries(&queries, nq, &bank);
         let accept = |_: usize, _: usize| true;
         let got = amx_candidates(&bank, 0..rows, &queries, nq, k, &accept);
-        let id_of = |r: usize| r as u64;
         for q in 0..nq {
-            let qv = &queries[q * dim..(q + 1) * dim];
-            for &(s, r) in &got[q] {
-                let r = r as usize;
-                let canonical = dot(qv, &matrix[r * dim..(r + 1) * dim]);
-                assert!(
-                    (s - canonical).abs() <= packed.margin(q) / 2.0,
-                    "q {q} row {r}"
-                );
-            }
-            let want = rescore(&matrix, dim, &id_of, qv, 0..rows, k);
-            let top = rescore(
+            check_amx_query(
                 &matrix,
                 dim,
-                &id_of,
-                qv,
-                got[q].iter().map(|c| c.1 as usize),
+                &queries[q * dim..(q + 1) * dim],
+                &got[q],
+                packed.margin(q) / 2.0,
+                0..rows,
                 k,
+                &format!("q {q}"),
             );
-            assert_eq!(top, want, "q {q}");
         }
     }
 
