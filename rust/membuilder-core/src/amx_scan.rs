@@ -158,30 +158,38 @@ impl Bf16Rows {
         self.rows
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 2
-    }
-
-    /// Bytes a copy of `rows` rows of `dim` values would hold.
+    /// Bytes a copy of `rows` rows of `dim` values holds (rows padded to a 32-row block pair,
+    /// dimensions to a 32-value step).
     pub fn bytes_for(rows: usize, dim: usize) -> usize {
-        rows.div_ceil(PAIR) * PAIR * dim.div_ceil(STEP) * STEP * 2
+        padded_len(rows, dim) * 2
     }
 }
+
+/// `dim` rounded up to [`STEP`] (at least one step).
+fn padded_dim(dim: usize) -> usize {
+    dim.div_ceil(STEP).max(1) * STEP
+}
+
+/// bf16 values in a copy of `rows` rows of `dim` values.
+fn padded_len(rows: usize, dim: usize) -> usize {
+    rows.div_ceil(PAIR) * PAIR * padded_dim(dim)
+}
+
+/// Blocks (of 16 rows) per parallel job of [`pack_rows`].
+const JOB_BLOCKS: usize = 32;
 
 /// Rows `0..rows` of `matrix` (row-major, `dim` columns) rounded to bf16 and laid out for
 /// [`scan`]; blocks are filled in parallel when allowed.
 pub fn pack_rows(matrix: &[f32], dim: usize, rows: usize) -> Bf16Rows {
-    let dim_p = dim.div_ceil(STEP).max(1) * STEP;
-    let blocks = rows.div_ceil(PAIR) * 2;
-    let mut data = vec![0u16; blocks * BLOCK * dim_p];
-    // Jobs of 32 blocks (512 rows), each with the largest norms it saw.
-    let per_job = 32 * BLOCK * dim_p;
+    let dim_p = padded_dim(dim);
+    let mut data = vec![0u16; padded_len(rows, dim)];
+    // Jobs of JOB_BLOCKS blocks, each with the largest norms it saw.
+    let per_job = JOB_BLOCKS * BLOCK * dim_p;
     let mut jobs: Vec<(&mut [u16], f64, f64)> =
         data.chunks_mut(per_job).map(|c| (c, 0.0, 0.0)).collect();
     crate::par::for_each_mut(&mut jobs, |job, (dst, max_norm, max_err)| {
         for (b, block) in dst.chunks_mut(BLOCK * dim_p).enumerate() {
-            let r0 = (job * 32 + b) * BLOCK;
+            let r0 = (job * JOB_BLOCKS + b) * BLOCK;
             for j in 0..BLOCK.min(rows.saturating_sub(r0)) {
                 let src = &matrix[(r0 + j) * dim..(r0 + j + 1) * dim];
                 // Dimension k of row j sits in pair k / 2, slot k % 2.
