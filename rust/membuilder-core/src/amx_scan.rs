@@ -42,11 +42,11 @@ use std::ops::Range;
 use crate::topk::NearTop;
 
 /// Rows of a tile: 16 queries (left tile) or 16 bank rows (right tile, as 16 value pairs).
-const BLOCK: usize = 16;
+pub(crate) const BLOCK: usize = 16;
 /// Queries and rows of one step's block of four accumulator tiles.
-const PAIR: usize = 2 * BLOCK;
+pub(crate) const PAIR: usize = 2 * BLOCK;
 /// bf16 values in one tile row (64 bytes): the dimensions one `TDPBF16PS` sums.
-const STEP: usize = 32;
+pub(crate) const STEP: usize = 32;
 /// Bytes of bank rows per chunk: half of a 2 MiB L2. Each 32-query group of a task passes over a
 /// chunk with its own tiles in L1, so the chunk is read from memory once per task.
 const CHUNK_BYTES: usize = 1 << 20;
@@ -104,7 +104,7 @@ fn request_tile_state() -> bool {
 /// that no bf16 subnormal reaches AMX (which would read it as zero). Inputs are finite and at
 /// most 1 in magnitude here (normalised vectors), so rounding never overflows.
 #[inline]
-fn to_bf16(x: f32) -> u16 {
+pub(crate) fn to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
     if b & 0x7f80_0000 == 0 {
         return ((b >> 16) & 0x8000) as u16;
@@ -113,7 +113,7 @@ fn to_bf16(x: f32) -> u16 {
 }
 
 #[inline]
-fn from_bf16(h: u16) -> f32 {
+pub(crate) fn from_bf16(h: u16) -> f32 {
     f32::from_bits(u32::from(h) << 16)
 }
 
@@ -163,10 +163,15 @@ impl Bf16Rows {
     pub fn bytes_for(rows: usize, dim: usize) -> usize {
         padded_len(rows, dim) * 2
     }
+
+    /// The packed values (blocks of 16 rows in the tile layout) and the padded dimension.
+    pub(crate) fn packed(&self) -> (&[u16], usize) {
+        (&self.data, self.dim_p)
+    }
 }
 
 /// `dim` rounded up to [`STEP`] (at least one step).
-fn padded_dim(dim: usize) -> usize {
+pub(crate) fn padded_dim(dim: usize) -> usize {
     dim.div_ceil(STEP).max(1) * STEP
 }
 
@@ -276,12 +281,12 @@ static TILE_CONFIG: TileConfig = TileConfig::new();
 
 /// Tiles configured for a scan on this thread; released (back to their initial state, so the
 /// thread carries no tile data between scans) when dropped.
-struct Tiles;
+pub(crate) struct Tiles;
 
 impl Tiles {
     /// # Safety
     /// [`available`] must be true.
-    unsafe fn configure() -> Tiles {
+    pub(crate) unsafe fn configure() -> Tiles {
         asm!("ldtilecfg [{}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly));
         Tiles
     }
@@ -297,7 +302,7 @@ impl Drop for Tiles {
 /// One step's four accumulator tiles as stored: tile `2 h + g` holds queries `16 h ..` x rows
 /// `16 g ..` of the block, one query per 16-float line.
 #[repr(C, align(64))]
-struct BlockScores([f32; 4 * BLOCK * BLOCK]);
+pub(crate) struct BlockScores(pub(crate) [f32; 4 * BLOCK * BLOCK]);
 
 /// Scores of queries `a` (32 rows of `dim_p` bf16) with the 32 rows of the bank block at `b`
 /// into `out`.
@@ -305,7 +310,7 @@ struct BlockScores([f32; 4 * BLOCK * BLOCK]);
 /// # Safety
 /// Tiles configured ([`Tiles::configure`]); `a` holds 32 query rows and `b` two 16-row blocks.
 #[inline]
-unsafe fn block(a: *const u16, b: *const u16, dim_p: usize, out: &mut BlockScores) {
+pub(crate) unsafe fn block(a: *const u16, b: *const u16, dim_p: usize, out: &mut BlockScores) {
     let a_stride = dim_p * 2;
     let a1 = a.add(BLOCK * dim_p);
     let b1 = b.add(BLOCK * dim_p);

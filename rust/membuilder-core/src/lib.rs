@@ -7,6 +7,7 @@
 //! - [`kinds`]: the shared vocabulary (agents, bank kinds, operations, actions).
 //! - [`par`]: fork-safe use of rayon's global pool.
 //! - [`cpu`]: the CPU's model and vector instruction sets, for reports of what ran where.
+//! - [`simd`]: plain element loops compiled per vector width, the widest chosen at run time.
 //!
 //! Model output
 //! - [`actions`]: parse a model's raw output into typed, validated actions per agent.
@@ -17,6 +18,10 @@
 //! - [`fused_scan`]: the x86-64 AVX2/FMA kernel behind exact search (score and select in one pass).
 //! - [`fused_scan512`]: the same scan on AVX-512, chosen at run time where the CPU has it.
 //! - [`retrieval`]: exact and graph top-k search over one matrix, single and batched.
+//!
+//! The text encoder
+//! - [`amx_gemm`]: dense bf16 matrix products on AMX tiles (the exact-search tile step, kept whole).
+//! - [`encoder`]: a BERT-style encoder's forward pass (multilingual-e5-small), for local embedding.
 //!
 //! The memory store
 //! - [`error`]: the store's errors.
@@ -34,10 +39,13 @@
 
 pub mod actions;
 #[cfg(target_arch = "x86_64")]
+pub mod amx_gemm;
+#[cfg(target_arch = "x86_64")]
 pub mod amx_scan;
 pub mod bank;
 pub mod config;
 pub mod cpu;
+pub mod encoder;
 pub mod error;
 #[cfg(target_arch = "x86_64")]
 pub mod fused_scan;
@@ -52,6 +60,7 @@ pub mod records;
 pub mod retrieval;
 pub mod reward;
 pub mod search;
+pub mod simd;
 pub mod snapshot;
 pub mod state;
 pub mod store;

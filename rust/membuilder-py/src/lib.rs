@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 mod actions;
 mod convert;
+mod encoder;
 mod errors;
 mod kernels;
 mod reward;
@@ -22,5 +23,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     state::register(m)?;
     reward::register(m)?;
     kernels::register(m)?;
+    encoder::register(m)?;
     Ok(())
 }
