@@ -114,7 +114,7 @@ pub unsafe fn matmul<E: Epilogue>(
     let n = w.rows();
     let (_, k_p) = w.packed();
     debug_assert!(out.len() >= m * out_stride && out_stride >= n && bias.len() == n);
-    debug_assert!(a.len() >= m.div_ceil(PAIR) * PAIR * k_p);
+    debug_assert!(a.len() >= padded_rows(m) * k_p);
     let panels = m.div_ceil(PAIR);
     // At least a few panels per task (each configures its tiles), and every thread busy.
     let per_task = panels.div_ceil(crate::par::threads() * 4).max(2);

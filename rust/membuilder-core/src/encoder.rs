@@ -15,8 +15,8 @@
 //!   layer's inputs are rounded to bf16 and multiplied on AMX tiles ([`crate::amx_gemm`]),
 //!   accumulating in float32; attention, softmax, residuals, LayerNorm, GELU and pooling stay
 //!   float32. Vectors are within cosine 0.9999 of the float32 result (measured in the tests).
-//! - [`Precision::F32`] elsewhere: float32 throughout, products by `matrixmultiply` (AVX2/FMA
-//!   kernels chosen at run time where the CPU has them).
+//! - [`Precision::F32`] elsewhere: float32 throughout, products by `matrixmultiply` (its
+//!   AVX-512, AVX2/FMA or SSE kernel, chosen at run time).
 //!
 //! The element loops (GELU, softmax, LayerNorm) are vectorised at the widest width the CPU has
 //! ([`crate::simd`]). GELU uses erf to within 5e-7 (Abramowitz and Stegun 7.1.26) and softmax
@@ -164,7 +164,7 @@ impl Linear {
                 };
             }
         }
-        let _ = scratch;
+        let _ = scratch; // unused where there is no bf16 path
     }
 }
 
