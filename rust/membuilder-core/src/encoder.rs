@@ -104,6 +104,29 @@ pub struct LayerWeights<'a> {
     pub out_ln_b: &'a [f32],
 }
 
+impl<'a> LayerWeights<'a> {
+    /// The weights in field order: qkv weight and bias, attention output weight and bias,
+    /// attention LayerNorm weight and bias, FFN input, FFN output, output LayerNorm.
+    pub fn from_ordered(w: [&'a [f32]; 12]) -> Self {
+        let [qkv_w, qkv_b, out_w, out_b, attn_ln_w, attn_ln_b, ffn_in_w, ffn_in_b, ffn_out_w, ffn_out_b, out_ln_w, out_ln_b] =
+            w;
+        LayerWeights {
+            qkv_w,
+            qkv_b,
+            out_w,
+            out_b,
+            attn_ln_w,
+            attn_ln_b,
+            ffn_in_w,
+            ffn_in_b,
+            ffn_out_w,
+            ffn_out_b,
+            out_ln_w,
+            out_ln_b,
+        }
+    }
+}
+
 enum Weights {
     /// `n x k`, as given.
     F32(Vec<f32>),
@@ -715,20 +738,7 @@ mod tests {
         let lw: Vec<LayerWeights<'_>> = m
             .layers
             .iter()
-            .map(|l| LayerWeights {
-                qkv_w: &l[0],
-                qkv_b: &l[1],
-                out_w: &l[2],
-                out_b: &l[3],
-                attn_ln_w: &l[4],
-                attn_ln_b: &l[5],
-                ffn_in_w: &l[6],
-                ffn_in_b: &l[7],
-                ffn_out_w: &l[8],
-                ffn_out_b: &l[9],
-                out_ln_w: &l[10],
-                out_ln_b: &l[11],
-            })
+            .map(|l| LayerWeights::from_ordered(std::array::from_fn(|i| l[i].as_slice())))
             .collect();
         Encoder::new(m.shape, Some(precision), &m.emb.0, &m.emb.1, &lw).unwrap()
     }
@@ -921,20 +931,9 @@ mod tests {
             .encode(&mut [0.0; 32], &[1, 0])
             .unwrap_err()
             .contains("at least one token"));
-        let bad = LayerWeights {
-            qkv_w: &m.layers[0][0][1..],
-            qkv_b: &m.layers[0][1],
-            out_w: &m.layers[0][2],
-            out_b: &m.layers[0][3],
-            attn_ln_w: &m.layers[0][4],
-            attn_ln_b: &m.layers[0][5],
-            ffn_in_w: &m.layers[0][6],
-            ffn_in_b: &m.layers[0][7],
-            ffn_out_w: &m.layers[0][8],
-            ffn_out_b: &m.layers[0][9],
-            out_ln_w: &m.layers[0][10],
-            out_ln_b: &m.layers[0][11],
-        };
+        let mut w: [&[f32]; 12] = std::array::from_fn(|i| m.layers[0][i].as_slice());
+        w[0] = &w[0][1..];
+        let bad = LayerWeights::from_ordered(w);
         let err = Encoder::new(m.shape, Some(Precision::F32), &m.emb.0, &m.emb.1, &[bad])
             .err()
             .unwrap();

@@ -14,7 +14,7 @@ use crate::convert::F32Array;
 use crate::errors::invalid_argument;
 use crate::util::detach;
 
-/// The keys of one layer's weights, in [`LayerWeights`]' order.
+/// The keys of one layer's weights, in [`LayerWeights::from_ordered`]'s order.
 const LAYER_KEYS: [&str; 12] = [
     "qkv.w",
     "qkv.b",
@@ -78,20 +78,7 @@ impl PyTextEncoder {
             .collect();
         let weights: Vec<LayerWeights<'_>> = data
             .iter()
-            .map(|d| LayerWeights {
-                qkv_w: &d[0],
-                qkv_b: &d[1],
-                out_w: &d[2],
-                out_b: &d[3],
-                attn_ln_w: &d[4],
-                attn_ln_b: &d[5],
-                ffn_in_w: &d[6],
-                ffn_in_b: &d[7],
-                ffn_out_w: &d[8],
-                ffn_out_b: &d[9],
-                out_ln_w: &d[10],
-                out_ln_b: &d[11],
-            })
+            .map(|d| LayerWeights::from_ordered(std::array::from_fn(|i| &*d[i])))
             .collect();
         let shape = Shape {
             hidden,
