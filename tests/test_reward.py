@@ -419,7 +419,14 @@ def test_score_outputs_parses_gates_and_counts_content():
     # 250 tokens against an expert's 10: ratio 25, full penalty.
     assert close(float(out.reward[0]), 1.0 - 0.8)
     assert close(float(out.reward[2]), 1.0 - 0.8 * (300 - 150) / 250)
-    # Given policy tokens (from a real tokenizer) replace the chars/4 count.
+    # Several texts: counted as their content text (joined with newlines) is, like the scorer does.
+    two = [
+        json.dumps({"operations": [{"action": "ADD", "memory": "abcd"}, {"action": "ADD", "memory": "efg"}]})
+    ]
+    parsed, out_two = kernel.score_outputs(["semantic"], two, [1.0], [1.0])
+    assert list(out_two.policy_tokens) == [_core.approx_tokens("abcd\nefg")] == [2]
+    assert list(out_two.policy_tokens) == list(_core.approx_content_tokens(parsed))
+    # Given policy tokens (from a real tokenizer) replace the approximate count.
     _, out2 = kernel.score_outputs(
         agents, raws, [1.0, 1.0, 1.0], [10.0, 10.0, 0.0], policy_tokens=[10.0, 10.0, 10.0]
     )

@@ -430,7 +430,9 @@ class RewardKernel:
         expert_tokens: npt.NDArray[np.float64],
         policy_tokens: npt.NDArray[np.float64] | None = None,
     ) -> tuple[list[ParseResult], RewardBatch]:
-        """Parse, gate, count content tokens (chars/4 unless ``policy_tokens`` is given) and score."""
+        """Parse, gate, count content tokens and score. Without ``policy_tokens`` the count is
+        :func:`approx_tokens` of each output's content text (its texts joined with newlines), as
+        :func:`approx_content_tokens` and the reward scorer count it."""
 
 # ---------------------------------------------------------------------------------------------
 # Machine and kernels

@@ -646,8 +646,9 @@ impl PyRewardKernel {
         Ok(Self::to_batch(py, s))
     }
 
-    /// Parse, gate, count content tokens (content characters / 4 unless `policy_tokens` is
-    /// given) and score. Returns the parse results and the batch.
+    /// Parse, gate, count content tokens (unless `policy_tokens` is given: `approx_tokens` of
+    /// the content text, as `approx_content_tokens` and the reward scorer count them) and
+    /// score. Returns the parse results and the batch.
     #[pyo3(signature = (agents, raws, task, expert_tokens, policy_tokens=None))]
     fn score_outputs(
         &self,
@@ -683,7 +684,7 @@ impl PyRewardKernel {
             Some(p) => p,
             None => parsed
                 .iter()
-                .map(|p| (p.content_chars / 4) as f64)
+                .map(|p| p.content_approx_tokens() as f64)
                 .collect(),
         };
         let s = self.score_inner(py, agents, format_ok, task, policy, expert, None, None)?;
