@@ -43,6 +43,7 @@ import numpy as np
 import pytest
 from membuilder import AGENTS, MemoryState, Provenance, RewardKernel, parse_actions_batch
 from membuilder._core import commit_views, plan_views
+from real_texts import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from reference import actions_ref, reward_ref
@@ -327,6 +328,7 @@ def measure(rollouts: int = ROLLOUTS) -> dict:
     py_rewards, py_added = run_python(batch)
     t_py = time.perf_counter() - t0
     return {
+        "cpu": cpu_model(),
         "rust_steps_s": steps,
         "rollouts": rollouts,
         "outputs": len(batch["raws"]),
@@ -355,6 +357,7 @@ def test_pipeline_rust_vs_python_reference(benchmark) -> None:
     py_rewards, py_added = run_python(batch)
     t_py = time.perf_counter() - t0
     benchmark.extra_info.update(
+        cpu=cpu_model(),
         rust_steps_s=steps,
         rollouts=ROLLOUTS,
         outputs=len(batch["raws"]),
