@@ -517,7 +517,14 @@ def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(locomo_path: Path, t
     with ScriptedOpenAIServer(interrupting) as server:
         argv = eval_args(locomo_path, out, server, "--conv-id", "conv-26", "--sessions", "3",
                          "--questions", "3", "--mode", "full", "--max-concurrent-requests", "1")  # fmt: skip
-        proc = subprocess.Popen([sys.executable, "-m", "membuilder.cli", *argv], env=_env(),
+        # A process started in the background by a non-interactive shell inherits SIGINT as
+        # ignored, and Python then installs no KeyboardInterrupt handler: give the CLI the one a
+        # terminal would, so the test does not depend on how its runner was launched.
+        launch = (
+            "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('membuilder.cli', run_name='__main__', alter_sys=True)"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", launch, *argv], env=_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         state["pid"] = proc.pid
         _, err = proc.communicate(timeout=300)
